@@ -1,0 +1,77 @@
+"""Logging: every line carries the role, the worker slot and the pid.
+
+Text by default, one JSON object per line with --log-format json. Message
+events pass their fields through ``extra={"event": {...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger("rmqpool")
+
+# The process's identity; set once after fork by set_identity().
+_identity = {"role": "supervisor", "slot": None}
+
+
+def set_identity(role: str, slot: int | None = None) -> None:
+    _identity["role"] = role
+    _identity["slot"] = slot
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = _identity["role"]
+        record.slot = _identity["slot"]
+        record.who = (f"worker {_identity['slot']}" if _identity["role"] == "worker"
+                      else _identity["role"])
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "role": getattr(record, "role", None),
+            "slot": getattr(record, "slot", None),
+            "pid": record.process,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        event = getattr(record, "event", None)
+        if event:
+            out.update(event)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s [%(who)s pid %(process)d] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        event = getattr(record, "event", None)
+        if event:
+            line += " " + " ".join(f"{k}={v}" for k, v in event.items())
+        return line
+
+
+def setup(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aio-pika logs every reconnect attempt at WARNING with a traceback; we log our own.
+    logging.getLogger("aio_pika").setLevel(max(root.level, logging.ERROR))
+    logging.getLogger("aiormq").setLevel(max(root.level, logging.ERROR))
+    os.environ.setdefault("SPT_NOENV", "1")  # setproctitle must not clobber environ

@@ -1,0 +1,132 @@
+"""One worker process as the supervisor sees it: fork it, talk to it, kill it,
+and say why it exited.
+
+Start method: os.fork from the single-threaded supervisor. The handler module
+is imported once, in the supervisor, so workers start in milliseconds and share
+its pages; the supervisor never holds an event loop, a thread or a connection
+when it forks, which is what makes fork safe here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable
+
+from . import control, exitcodes
+from . import log as rlog
+from .handler import Handler
+from .scoreboard import Scoreboard
+from .settings import Settings
+
+log = logging.getLogger("rmqpool.supervisor")
+
+PR_SET_PDEATHSIG = 1
+_RESET_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTTIN,
+                  signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class WorkerProcess:
+    def __init__(self, slot: int, generation: int, pid: int, end: control.SupervisorEnd,
+                 board: Scoreboard) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.pid = pid
+        self.end = end
+        self.board = board
+        self.started_at = time.monotonic()
+        self.last_beat = self.started_at
+        self.ready = False
+        self.draining_since: float | None = None
+        self.kill_reason: str | None = None  # why the supervisor killed it, if it did
+        self.fatal: tuple[int, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"worker {self.slot} (pid {self.pid})"
+
+    @property
+    def state(self) -> str:
+        if self.draining_since is not None:
+            return "draining"
+        return "ready" if self.ready else "starting"
+
+    def drain(self) -> None:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            self.ready = False
+            self.end.send(control.DRAIN)
+
+    def kill(self, reason: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def spawn(settings: Settings, slot: int, generation: int, handler: Handler,
+          close_in_child: Iterable[int]) -> WorkerProcess:
+    parent_end, child_end = control.pair()
+    board = Scoreboard(settings.concurrency)
+    supervisor_pid = os.getpid()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = exitcodes.INTERNAL
+        try:
+            _become_worker(slot, close_in_child, parent_end.fileno(), supervisor_pid)
+            from .worker import worker_main  # imported here: nothing of it runs in the supervisor
+
+            code = worker_main(settings, slot, handler, child_end, board, supervisor_pid)
+        except BaseException:  # noqa: BLE001 - last resort: say why, then exit
+            log.exception("worker crashed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    child_end.close()
+    return WorkerProcess(slot, generation, pid, control.SupervisorEnd(parent_end), board)
+
+
+def _become_worker(slot: int, close_fds: Iterable[int], parent_end_fd: int,
+                   supervisor_pid: int) -> None:
+    # The supervisor's wakeup fd and handlers must not fire in the worker.
+    signal.set_wakeup_fd(-1)
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C reaches the whole process group; the supervisor coordinates the drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in (*close_fds, parent_end_fd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    rlog.set_identity("worker", slot)
+    _die_with_parent(supervisor_pid)
+
+
+def _die_with_parent(supervisor_pid: int) -> None:
+    """SIGTERM (a drain) when the supervisor dies; the beat also checks getppid()."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        hint = " (killed: OOM killer or kill -9?)" if sig == signal.SIGKILL else ""
+        return f"killed by signal {name}{hint}"
+    code = os.WEXITSTATUS(status)
+    what = exitcodes.DESCRIPTIONS.get(code, "")
+    return f"exit code {code}" + (f" ({what})" if what else "")

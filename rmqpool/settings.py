@@ -1,0 +1,255 @@
+"""One frozen, picklable Settings object, built from flags > RMQPOOL_* env > defaults.
+
+Every option is declared once in OPTIONS; the CLI, the environment lookup, the
+--help text and the README table are all derived from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+DEFAULT_QUEUE = "rmqpool"
+# The broker's default consumer_timeout (delivery acknowledgement timeout) on 3.10.
+BROKER_CONSUMER_TIMEOUT = 30 * 60.0
+
+
+class SettingsError(ValueError):
+    """A bad option value; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag without dashes, e.g. "graceful-timeout"
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    repeatable: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def env(self) -> str:
+        return "RMQPOOL_" + self.name.upper().replace("-", "_")
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("url", str, DEFAULT_URL,
+           "AMQP URL of the broker (RABBITMQ_URL is honoured too)", "URL"),
+    Option("queue", str, DEFAULT_QUEUE, "queue to consume", "NAME"),
+    Option("workers", int, None, "worker processes", "N"),
+    Option("prefetch", int, 10, "unacked messages the broker sends each worker", "N"),
+    Option("concurrency", int, 1,
+           "handlers in flight per worker (threads for sync handlers)", "N"),
+    Option("exchange", str, "", "exchange to bind the queue to (empty: the default exchange)", "NAME"),
+    Option("exchange-type", str, "direct", "type of --exchange",
+           choices=("direct", "topic", "fanout", "headers")),
+    Option("routing-key", str, (),
+           "binding key of the queue to --exchange; repeatable (env: comma-separated); "
+           "default: the queue name", "KEY", repeatable=True),
+    Option("queue-type", str, "classic", "type of the work queue", choices=("classic", "quorum")),
+    Option("graceful-timeout", float, 30.0,
+           "seconds in-flight handlers get to finish on shutdown", "SECONDS"),
+    Option("heartbeat", int, 30, "AMQP heartbeat interval in seconds", "SECONDS"),
+    Option("worker-timeout", float, 30.0,
+           "kill a worker whose event loop has not beaten for this long", "SECONDS"),
+    Option("max-retries", int, 3, "retries after the first attempt before dead-lettering", "N"),
+    Option("retry-delays", _floats, (1.0, 10.0, 60.0),
+           "comma-separated delay tiers in seconds; retry n waits tier min(n, last)", "S,S,..."),
+    Option("time-limit", float, 0.0,
+           "hard limit per message in seconds (0: none)", "SECONDS"),
+    Option("max-worker-deaths", int, 3,
+           "dead-letter a message after it killed or hung this many workers", "N"),
+    Option("metrics-host", str, "0.0.0.0", "address /metrics, /healthz and /readyz bind to", "HOST"),
+    Option("metrics-port", int, 9808, "port of /metrics, /healthz, /readyz (0: disabled)", "PORT"),
+    Option("log-level", str, "info", "log level",
+           choices=("debug", "info", "warning", "error")),
+    Option("log-format", str, "text", "log line format", choices=("text", "json")),
+)
+OPTIONS_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and reprs."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    handler: str
+    url: str = field(default=DEFAULT_URL, repr=False)
+    queue: str = DEFAULT_QUEUE
+    workers: int = 1
+    prefetch: int = 10
+    concurrency: int = 1
+    exchange: str = ""
+    exchange_type: str = "direct"
+    routing_key: tuple[str, ...] = ()
+    queue_type: str = "classic"
+    graceful_timeout: float = 30.0
+    heartbeat: int = 30
+    worker_timeout: float = 30.0
+    max_retries: int = 3
+    retry_delays: tuple[float, ...] = (1.0, 10.0, 60.0)
+    time_limit: float = 0.0
+    max_worker_deaths: int = 3
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9808
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def __repr__(self) -> str:  # the password never reaches a log line
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return f"Settings(url={redact_url(self.url)!r}, {fields})"
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+    @property
+    def binding_keys(self) -> tuple[str, ...]:
+        return self.routing_key or (self.queue,)
+
+    def validate(self) -> Settings:
+        _check_handler_spec(self.handler)
+        _check_url(self.url)
+        if not self.queue or len(self.queue.encode()) > 255 or self.queue.startswith("amq."):
+            raise SettingsError(
+                f"--queue {self.queue!r} is not a usable queue name: give 1-255 bytes "
+                "not starting with 'amq.'")
+        _positive("workers", self.workers)
+        _positive("prefetch", self.prefetch)
+        _positive("concurrency", self.concurrency)
+        if self.concurrency > self.prefetch:
+            raise SettingsError(
+                f"--concurrency {self.concurrency} is above --prefetch {self.prefetch}: "
+                "handlers would wait for messages the broker never sends; raise --prefetch")
+        for name in ("graceful_timeout", "worker_timeout"):
+            _positive(name, getattr(self, name))
+        if self.heartbeat < 0:
+            raise SettingsError(f"--heartbeat must be >= 0 seconds (got {self.heartbeat})")
+        if self.worker_timeout < 2:
+            raise SettingsError(
+                f"--worker-timeout {self.worker_timeout} is too short: workers beat once a "
+                "second; use 2 seconds or more")
+        if self.max_retries < 0:
+            raise SettingsError(f"--max-retries must be >= 0 (got {self.max_retries})")
+        if self.max_retries and not self.retry_delays:
+            raise SettingsError("--retry-delays is empty: give at least one delay, e.g. 1,10,60")
+        if any(d <= 0 for d in self.retry_delays):
+            raise SettingsError(
+                f"--retry-delays must all be > 0 seconds (got {_fmt(self.retry_delays)})")
+        if self.time_limit < 0:
+            raise SettingsError(f"--time-limit must be >= 0 seconds (got {self.time_limit})")
+        _positive("max_worker_deaths", self.max_worker_deaths)
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"--metrics-port must be 0-65535 (got {self.metrics_port})")
+        if self.exchange.startswith("amq.") and self.exchange not in _BUILTIN_EXCHANGES:
+            raise SettingsError(f"--exchange {self.exchange!r}: names starting with 'amq.' "
+                                "are reserved by the broker; choose another name")
+        if self.routing_key and not self.exchange:
+            raise SettingsError("--routing-key needs --exchange: the default exchange routes "
+                                "by queue name only")
+        for opt in OPTIONS:
+            if opt.choices and getattr(self, opt.attr) not in opt.choices:
+                raise SettingsError(
+                    f"{opt.flag} {getattr(self, opt.attr)!r} is not one of "
+                    f"{', '.join(opt.choices)}")
+        return self
+
+
+_BUILTIN_EXCHANGES = {"amq.direct", "amq.topic", "amq.fanout", "amq.headers", "amq.match"}
+_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _positive(attr: str, value: float) -> None:
+    if value <= 0:
+        opt = OPTIONS_BY_ATTR[attr]
+        raise SettingsError(f"{opt.flag} must be > 0 (got {value:g}); "
+                            f"set {opt.flag} or {opt.env} to a positive number")
+
+
+def _check_handler_spec(spec: str) -> None:
+    if not _SPEC.match(spec):
+        raise SettingsError(
+            f"handler {spec!r} is not MODULE:FUNCTION; write it like handlers:handle "
+            "(a module importable from the current directory, a colon, a function name)")
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise SettingsError(f"--url {redact_url(url)!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise SettingsError(
+            f"--url {redact_url(url)!r} has scheme {parts.scheme or '(none)'!r}; "
+            "use amqp://user:password@host:5672/vhost or amqps://")
+    if not parts.hostname:
+        raise SettingsError(f"--url {redact_url(url)!r} has no host; "
+                            "use amqp://user:password@host:5672/vhost")
+
+
+def _convert(opt: Option, raw: str, source: str) -> Any:
+    try:
+        if opt.repeatable:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return opt.kind(raw)
+    except ValueError:
+        kind = {int: "an integer", float: "a number"}.get(opt.kind, "a list of numbers")
+        raise SettingsError(f"{source} {raw!r} is not {kind}") from None
+
+
+def resolve(handler: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
+            cpu_count: int | None = None) -> Settings:
+    """Settings from parsed flags (None = not given), the environment and defaults."""
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        given = flags.get(opt.attr)
+        if given is not None and given != []:
+            values[opt.attr] = tuple(given) if opt.repeatable else given
+        elif opt.env in env:
+            values[opt.attr] = _convert(opt, env[opt.env], opt.env)
+        elif opt.attr == "url" and "RABBITMQ_URL" in env:
+            values[opt.attr] = env["RABBITMQ_URL"]
+        elif opt.default is not None:
+            values[opt.attr] = opt.default
+    values.setdefault("workers", cpu_count or os.cpu_count() or 1)
+    spec = handler or env.get("RMQPOOL_HANDLER")
+    if not spec:
+        raise SettingsError("no handler given: run rmqpool MODULE:FUNCTION "
+                            "(or set RMQPOOL_HANDLER), e.g. rmqpool examples.handlers:handle")
+    return Settings(handler=spec, **values).validate()

@@ -1,0 +1,391 @@
+"""The supervisor process: synchronous, no event loop, no AMQP connection.
+
+Its main loop is four named steps, run at least every LOOP_INTERVAL seconds and
+whenever a signal, a worker message or an HTTP request arrives:
+
+    handle signals -> reap dead workers -> check health -> reconcile slots
+
+Signal handlers only record the signal (a wakeup fd wakes the loop); all work,
+logging included, happens in the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import setproctitle
+
+from . import control, exitcodes, handler as handler_mod
+from .process import WorkerProcess, describe_exit, spawn
+from .scoreboard import N_INT, READY
+from .settings import Settings
+
+log = logging.getLogger("rmqpool.supervisor")
+
+LOOP_INTERVAL = 0.25
+MIN_UPTIME = 5.0  # a worker that dies sooner than this is "dying soon after start"
+MAX_BACKOFF = 30.0
+KILL_GRACE = 5.0  # beyond --graceful-timeout, for the worker to close its connection
+MAX_CHARGES = 10_000  # poison-tracking entries kept (oldest dropped first)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+RUNNING, STOPPING = "running", "stopping"
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, handler: handler_mod.Handler) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.desired = settings.workers
+        self.state = RUNNING
+        self.exit_code = exitcodes.OK
+        self.workers: dict[int, WorkerProcess] = {}  # pid -> process (all, incl. draining)
+        self.active: dict[int, WorkerProcess] = {}  # slot -> the process serving it
+        self.replacing: dict[int, WorkerProcess] = {}  # slot -> new process during a reload
+        self.reload_queue: deque[int] = deque()
+        self.generation = 0
+        self.failures: dict[int, int] = {}  # slot -> consecutive quick deaths
+        self.not_before: dict[int, float] = {}  # slot -> earliest restart time
+        # Counters of dead worker processes, per slot, so totals never go backwards.
+        self.retired: dict[int, list[int]] = {}
+        self.retired_duration_sum: dict[int, float] = {}
+        self.restarts: dict[str, int] = {}
+        self.charges: dict[int, tuple[int, str]] = {}  # message key -> (deaths, reason)
+        self.started_at = time.monotonic()
+        self.last_loop = self.started_at
+        self._signals: deque[int] = deque()
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        self._extra_fds: list[int] = []  # closed in every forked worker
+        self._http: Any = None
+
+    # -- the main loop --------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        self._start_http()
+        self._title()
+        log.info("rmqpool %s starting %d worker(s) for %s on queue %r at %s",
+                 _version(), self.desired, self.handler.spec, self.settings.queue,
+                 self.settings.safe_url)
+        while self.state == RUNNING or self.workers:
+            self._wait(LOOP_INTERVAL)
+            self.last_loop = time.monotonic()
+            self._handle_signals()
+            self._reap()
+            self._check_health()
+            self._reconcile()
+        if self._http is not None:
+            self._http.close()
+        log.info("supervisor exiting: %s", exitcodes.DESCRIPTIONS.get(self.exit_code, ""))
+        return self.exit_code
+
+    def _wait(self, timeout: float) -> None:
+        for key, _ in self._selector.select(timeout):
+            key.data()
+
+    # -- signals ----------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        os.set_blocking(self._wakeup_w, False)
+        os.set_blocking(self._wakeup_r, False)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._record_signal)
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
+        self._extra_fds += [self._wakeup_r, self._wakeup_w, self._selector.fileno()]
+
+    def _record_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)  # NO logging, no work: the loop does it
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wakeup_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.popleft()
+            action = self._signal_actions.get(signum)
+            if action is not None:
+                action(self)
+
+    def _on_stop_signal(self) -> None:
+        if self.state == RUNNING:
+            log.info("graceful shutdown: draining %d worker(s), up to %gs",
+                     len(self.workers), self.settings.graceful_timeout)
+            self.stop(exitcodes.OK)
+        else:
+            log.warning("second stop signal: killing workers; unfinished messages go back "
+                        "to the queue")
+            self.kill_all(exitcodes.FORCED)
+
+    def _on_quit(self) -> None:
+        log.warning("SIGQUIT: immediate stop; unfinished messages go back to the queue")
+        self.kill_all(exitcodes.FORCED)
+
+    def _on_hup(self) -> None:
+        if self.state != RUNNING:
+            return
+        try:
+            forgotten = handler_mod.forget_user_modules()
+            self.handler = handler_mod.load(self.handler.spec)
+        except handler_mod.HandlerError as exc:
+            log.error("reload failed, keeping the running workers: %s", exc)
+            return
+        self.generation += 1
+        self.reload_queue = deque(sorted(self.active))
+        log.info("SIGHUP: reloaded %s (%d module(s)); rolling restart of %d worker(s)",
+                 self.handler.spec, len(forgotten), len(self.reload_queue))
+
+    def _on_ttin(self) -> None:
+        self.desired += 1
+        log.info("SIGTTIN: %d worker(s) wanted", self.desired)
+        self._title()
+
+    def _on_ttou(self) -> None:
+        if self.desired > 1:
+            self.desired -= 1
+        log.info("SIGTTOU: %d worker(s) wanted", self.desired)
+        self._title()
+
+    _signal_actions: dict[int, Callable[[Supervisor], None]] = {
+        signal.SIGTERM: _on_stop_signal,
+        signal.SIGINT: _on_stop_signal,
+        signal.SIGQUIT: _on_quit,
+        signal.SIGHUP: _on_hup,
+        signal.SIGTTIN: _on_ttin,
+        signal.SIGTTOU: _on_ttou,
+    }
+
+    # -- commands -----------------------------------------------------------------------
+    def stop(self, code: int) -> None:
+        if self.state == RUNNING:
+            self.state = STOPPING
+            self.exit_code = max(self.exit_code, code)
+            self.reload_queue.clear()
+            for worker in self.workers.values():
+                worker.drain()
+
+    def kill_all(self, code: int) -> None:
+        self.state = STOPPING
+        self.exit_code = max(self.exit_code, code)
+        for worker in self.workers.values():
+            worker.kill("shutdown")
+
+    # -- reaping --------------------------------------------------------------------------
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._on_exit(worker, status)
+
+    def _on_exit(self, worker: WorkerProcess, status: int) -> None:
+        self._retire(worker)
+        slot = worker.slot
+        if self.active.get(slot) is worker:
+            del self.active[slot]
+        if self.replacing.get(slot) is worker:
+            del self.replacing[slot]
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        how = describe_exit(status)
+        expected = worker.draining_since is not None and worker.kill_reason is None
+        if worker.fatal is not None or code in exitcodes.FATAL_WORKER_EXITS:
+            fatal_code = worker.fatal[0] if worker.fatal else code
+            assert fatal_code is not None
+            if self.state == RUNNING:
+                log.error("%s cannot work (%s): stopping the pool", worker, how)
+            self.stop(fatal_code)
+            return
+        if expected:
+            log.info("%s exited after draining (%s)", worker, how)
+            if code not in (exitcodes.OK, None) and self.state == STOPPING:
+                self.exit_code = max(self.exit_code, exitcodes.FORCED)
+            return
+        if self.state == STOPPING:
+            log.warning("%s %s during shutdown", worker, how)
+            self.exit_code = max(self.exit_code, exitcodes.FORCED)
+            return
+        reason = worker.kill_reason or ("killed" if os.WIFSIGNALED(status) else "crash")
+        self.restarts[reason] = self.restarts.get(reason, 0) + 1
+        uptime = time.monotonic() - worker.started_at
+        failures = self.failures.get(slot, 0) + 1 if uptime < MIN_UPTIME else 1
+        self.failures[slot] = failures
+        delay = 0.0 if failures <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 2))
+        self.not_before[slot] = time.monotonic() + delay
+        log.error("%s %s after %.1fs; restarting%s", worker, how, uptime,
+                  f" in {delay:g}s ({failures} quick deaths in a row)" if delay else "")
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        """Fold a dead process's counters into its slot and charge what it was running."""
+        cells = worker.board.counters()
+        cells[READY] = 0
+        totals = self.retired.setdefault(worker.slot, [0] * N_INT)
+        for i, value in enumerate(cells):
+            totals[i] += value
+        self.retired_duration_sum[worker.slot] = (
+            self.retired_duration_sum.get(worker.slot, 0.0) + worker.board.duration_sum())
+        crashed = worker.kill_reason in (None, "heartbeat", "time_limit") and not (
+            worker.draining_since is not None and worker.kill_reason is None)
+        if crashed:
+            for running in worker.board.running():
+                deaths, _ = self.charges.pop(running.key, (0, ""))
+                self.charges[running.key] = (deaths + 1, worker.kill_reason or "crash")
+            while len(self.charges) > MAX_CHARGES:
+                del self.charges[next(iter(self.charges))]
+        try:
+            self._selector.unregister(worker.end.fileno())
+        except KeyError:
+            pass  # already unregistered at EOF
+        worker.end.close()
+        worker.board.close()
+
+    # -- health -----------------------------------------------------------------------------
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        s = self.settings
+        for worker in list(self.workers.values()):
+            if worker.kill_reason is not None:
+                continue
+            if worker.draining_since is not None:
+                if now - worker.draining_since > s.graceful_timeout + KILL_GRACE:
+                    log.error("%s did not finish draining within %gs; killing it", worker,
+                              s.graceful_timeout + KILL_GRACE)
+                    worker.kill("graceful_timeout")
+                    self.exit_code = max(self.exit_code, exitcodes.FORCED
+                                         if self.state == STOPPING else exitcodes.OK)
+                continue
+            silent = now - worker.last_beat
+            if silent > s.worker_timeout:
+                log.error("%s event loop blocked: no heartbeat for %.1fs (--worker-timeout %gs); "
+                          "a handler is holding the loop or the GIL; killing it",
+                          worker, silent, s.worker_timeout)
+                worker.kill("heartbeat")
+                continue
+            if s.time_limit and not self.handler.is_async:
+                for running in worker.board.running():
+                    if now - running.started > s.time_limit:
+                        log.error("%s: a message has run %.1fs, past --time-limit %gs; killing "
+                                  "the worker (sync handlers cannot be interrupted)",
+                                  worker, now - running.started, s.time_limit)
+                        worker.kill("time_limit")
+                        break
+
+    # -- reconciling ---------------------------------------------------------------------------
+    def _reconcile(self) -> None:
+        if self.state != RUNNING:
+            return
+        now = time.monotonic()
+        for slot in range(self.desired):
+            if slot not in self.active and now >= self.not_before.get(slot, 0.0):
+                self.active[slot] = self._spawn(slot)
+        for slot in [s for s in self.active if s >= self.desired]:
+            log.info("scaling down: draining %s", self.active[slot])
+            self.active.pop(slot).drain()
+            self.replacing.pop(slot, None)
+        self._continue_reload()
+
+    def _continue_reload(self) -> None:
+        """One slot at a time: start its new worker, and drain the old one only once
+        the new one consumes, so throughput never drops to zero."""
+        while self.reload_queue:
+            slot = self.reload_queue[0]
+            old = self.active.get(slot)
+            if old is None or old.generation == self.generation:
+                self.reload_queue.popleft()
+                continue
+            new = self.replacing.get(slot)
+            if new is None:
+                if time.monotonic() >= self.not_before.get(slot, 0.0):
+                    self.replacing[slot] = self._spawn(slot)
+                return
+            if not new.ready:
+                return
+            log.info("reload: %s is consuming; draining %s", new, old)
+            self.restarts["reload"] = self.restarts.get("reload", 0) + 1
+            old.drain()
+            self.active[slot] = self.replacing.pop(slot)
+            self.reload_queue.popleft()
+
+    def _spawn(self, slot: int) -> WorkerProcess:
+        close = [*self._extra_fds, *(w.end.fileno() for w in self.workers.values())]
+        worker = spawn(self.settings, slot, self.generation, self.handler, close)
+        worker.generation = self.generation
+        self.workers[worker.pid] = worker
+        self._selector.register(worker.end.fileno(), selectors.EVENT_READ,
+                                lambda w=worker: self._on_control(w))
+        log.debug("spawned %s (generation %d)", worker, self.generation)
+        return worker
+
+    # -- control channel --------------------------------------------------------------------
+    def _on_control(self, worker: WorkerProcess) -> None:
+        messages = worker.end.receive()
+        if messages is None:  # EOF: it is exiting; the reaper will say why
+            self._selector.unregister(worker.end.fileno())
+            return
+        for msg in messages:
+            handle = self._control_actions.get(msg.get("t", ""))
+            if handle is not None:
+                handle(self, worker, msg)
+
+    def _on_beat(self, worker: WorkerProcess, _msg: dict[str, Any]) -> None:
+        worker.last_beat = time.monotonic()
+
+    def _on_ready(self, worker: WorkerProcess, _msg: dict[str, Any]) -> None:
+        worker.last_beat = time.monotonic()
+        if worker.draining_since is None:
+            worker.ready = True
+
+    def _on_notready(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
+        worker.ready = False
+
+    def _on_fatal(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
+        worker.fatal = (int(msg["code"]), str(msg["why"]))
+
+    def _on_ask(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
+        self._reap()  # a worker that just died may hold the charge being asked for
+        deaths, reason = self.charges.pop(int(msg["key"]), (0, ""))
+        worker.end.send(control.VERDICT, key=msg["key"], deaths=deaths, reason=reason)
+
+    _control_actions: dict[str, Callable[[Supervisor, WorkerProcess, dict[str, Any]], None]] = {
+        control.BEAT: _on_beat,
+        control.READY: _on_ready,
+        control.NOTREADY: _on_notready,
+        control.FATAL: _on_fatal,
+        control.ASK: _on_ask,
+    }
+
+    # -- http ---------------------------------------------------------------------------------
+    def _start_http(self) -> None:
+        if not self.settings.metrics_port:
+            return
+        from .metrics import MetricsServer
+
+        self._http = MetricsServer(self)
+        self._selector.register(self._http.fileno(), selectors.EVENT_READ, self._http.handle)
+        self._extra_fds.append(self._http.fileno())
+
+    def _title(self) -> None:
+        setproctitle.setproctitle(
+            f"rmqpool: supervisor [{self.handler.spec} on {self.settings.queue}] "
+            f"workers={self.desired}")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

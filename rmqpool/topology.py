@@ -1,0 +1,90 @@
+"""Every queue and exchange name rmqpool uses, and their arguments, in one place.
+
+    <queue>                  the work queue (classic or quorum)
+    <queue>.retry.<delay>    one per delay tier: queue-level TTL, dead-letters back to <queue>
+    <queue>.dlq              where messages end after their last attempt
+
+Retry copies are published to the default exchange with the tier's name as the
+routing key; when the tier's TTL expires the broker dead-letters them to the
+default exchange with routing key <queue>. One queue per tier means no message
+waits behind a longer one (per-message TTL blocks the head of the line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .settings import Settings
+
+# Headers rmqpool sets on the copies it republishes.
+H_ATTEMPT = "x-rmqpool-attempt"
+H_DEATHS = "x-rmqpool-worker-deaths"
+H_ROUTING_KEY = "x-rmqpool-original-routing-key"
+H_EXCHANGE = "x-rmqpool-original-exchange"
+H_QUEUE = "x-rmqpool-original-queue"
+H_REASON = "x-rmqpool-reason"
+H_EXC_TYPE = "x-rmqpool-exception-type"
+H_EXC_MESSAGE = "x-rmqpool-exception-message"
+H_TRACEBACK = "x-rmqpool-traceback"
+H_FAILED_AT = "x-rmqpool-failed-at"
+H_WORKER = "x-rmqpool-worker-slot"
+
+# A quorum work queue dead-letters a message redelivered this many times (a
+# backstop under rmqpool's own poison tracking, which works on classic queues too).
+QUORUM_DELIVERY_LIMIT = 20
+
+
+def dlq_name(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+def retry_queue_name(queue: str, delay: float) -> str:
+    return f"{queue}.retry.{_delay_label(delay)}"
+
+
+def _delay_label(delay: float) -> str:
+    ms = round(delay * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, Any]
+
+
+def _type_args(queue_type: str) -> dict[str, Any]:
+    if queue_type == "quorum":
+        # At-least-once dead-lettering needs reject-publish; without it the broker
+        # silently falls back to at-most-once.
+        return {"x-queue-type": "quorum", "x-overflow": "reject-publish",
+                "x-dead-letter-strategy": "at-least-once"}
+    return {}
+
+
+def work_queue(settings: Settings) -> QueueSpec:
+    args = _type_args(settings.queue_type)
+    if settings.queue_type == "quorum":
+        args |= {"x-delivery-limit": QUORUM_DELIVERY_LIMIT, "x-dead-letter-exchange": "",
+                 "x-dead-letter-routing-key": dlq_name(settings.queue)}
+    return QueueSpec(settings.queue, args)
+
+
+def retry_queue(settings: Settings, delay: float) -> QueueSpec:
+    args = _type_args(settings.queue_type) | {
+        "x-message-ttl": round(delay * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": settings.queue,
+    }
+    return QueueSpec(retry_queue_name(settings.queue, delay), args)
+
+
+def dead_letter_queue(settings: Settings) -> QueueSpec:
+    return QueueSpec(dlq_name(settings.queue), _type_args(settings.queue_type))
+
+
+def all_queues(settings: Settings) -> list[QueueSpec]:
+    """The work queue, its retry tiers and its DLQ, in the order they are declared."""
+    tiers = [retry_queue(settings, d) for d in sorted(set(settings.retry_delays))]
+    return [dead_letter_queue(settings), *tiers, work_queue(settings)]

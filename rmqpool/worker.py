@@ -1,0 +1,266 @@
+"""The worker process: one uvloop event loop, one connection, one consumer.
+
+worker_main() runs in the child right after fork. Nothing here runs in the
+supervisor. Order of a worker's life:
+    connect (with backoff) -> declare topology -> consume -> [beat every second]
+    -> drain on command/SIGTERM/orphaning -> close -> exit code
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+import aio_pika
+import aiormq
+import setproctitle
+import uvloop
+
+from . import control, exitcodes, topology
+from .consumer import Consumer
+from .dispatch import Dispatcher
+from .handler import Handler
+from .publisher import Publisher
+from .scoreboard import RECONNECTS, READY, Scoreboard
+from .settings import BROKER_CONSUMER_TIMEOUT, Settings
+
+log = logging.getLogger("rmqpool.worker")
+
+BEAT_INTERVAL = 1.0
+ORPHAN_DEADLINE = 3.0  # seconds an orphaned worker gives in-flight handlers
+ASK_TIMEOUT = 5.0
+
+
+class Fatal(Exception):
+    """The pool cannot work with this configuration; restarting will not help."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+def worker_main(settings: Settings, slot: int, handler: Handler, sock: Any,
+                board: Scoreboard, supervisor_pid: int) -> int:
+    """Entry point in the forked child. Returns the process's exit code."""
+    setproctitle.setproctitle(f"rmqpool: worker {slot} [{handler.spec} on {settings.queue}]")
+    worker = Worker(settings, slot, handler, sock, board, supervisor_pid)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(worker.run())
+
+
+class Worker:
+    def __init__(self, settings: Settings, slot: int, handler: Handler, sock: Any,
+                 board: Scoreboard, supervisor_pid: int):
+        self.settings = settings
+        self.slot = slot
+        self.handler = handler
+        self.board = board
+        self.supervisor_pid = supervisor_pid
+        self.control = control.WorkerEnd(sock)
+        self.drain_deadline: float | None = None  # seconds to drain, once asked to stop
+        self._stop = asyncio.Event()
+        self._verdicts: dict[int, asyncio.Future[tuple[int, str]]] = {}
+        self._tiers: dict[float, str] = {}
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, self.settings.graceful_timeout)
+        await self.control.open()
+        side = [asyncio.create_task(self._beat()), asyncio.create_task(self._commands())]
+        dispatcher: Dispatcher | None = None
+        try:
+            connection = await self._connect()
+            if connection is None:
+                return exitcodes.OK  # asked to stop before the broker was reachable
+            channel = await self._open_channel(connection)
+            dispatcher = Dispatcher(self.handler, self.settings, self.slot, self.board,
+                                    Publisher(channel), self._ask, self._declare_tier)
+            consumer = Consumer(channel, self.settings.queue, dispatcher,
+                                self.settings.concurrency, self._ready)
+            await consumer.start()
+            await self._stop.wait()
+            drained = await consumer.drain(self.drain_deadline or 0.0)
+            await self._close()
+            return exitcodes.OK if drained else exitcodes.FORCED
+        except Fatal as fatal:
+            log.error("%s", fatal)
+            self.control.send(control.FATAL, code=fatal.code, why=str(fatal))
+            await self._close()
+            return fatal.code
+        finally:
+            for task in side:
+                task.cancel()
+            if dispatcher is not None:
+                dispatcher.shutdown()
+
+    def request_stop(self, deadline: float) -> None:
+        if self.drain_deadline is None or deadline < self.drain_deadline:
+            self.drain_deadline = deadline
+        self._stop.set()
+
+    def _ready(self) -> None:
+        self.board.ints[READY] = 1
+        self.control.send(control.READY)
+        log.info("consuming %r (prefetch %d, concurrency %d)", self.settings.queue,
+                 self.settings.prefetch, self.settings.concurrency)
+
+    def _not_ready(self, _sender: Any = None, exc: BaseException | None = None) -> None:
+        self.board.ints[READY] = 0
+        if self._stop.is_set():
+            return
+        why = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
+        self.control.send(control.NOTREADY, why=why)
+        log.warning("connection to %s lost (%s); reconnecting", self.settings.safe_url, why)
+
+    def _reconnected(self, _sender: Any = None) -> None:
+        self.board.ints[RECONNECTS] += 1
+
+    # -- connection --------------------------------------------------------------
+    async def _connect(self) -> aio_pika.abc.AbstractRobustConnection | None:
+        s, delay = self.settings, 0.5
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                connection = await aio_pika.connect_robust(
+                    s.url, heartbeat=s.heartbeat, reconnect_interval=1.0, timeout=10,
+                    client_properties={"connection_name":
+                                       f"rmqpool worker {self.slot} pid {os.getpid()}"})
+            except aiormq.exceptions.ProbableAuthenticationError as exc:
+                raise Fatal(exitcodes.BROKER_REFUSED,
+                            f"the broker at {s.safe_url} refused the credentials ({exc.args[0]}); "
+                            "fix the user or password in --url") from None
+            except aiormq.exceptions.ProtocolSyntaxError as exc:
+                if "Connection.Close" not in str(exc):
+                    raise
+                raise Fatal(exitcodes.BROKER_REFUSED,
+                            f"the broker at {s.safe_url} refused to open the virtual host: it "
+                            "does not exist or the user may not use it; fix the vhost in --url "
+                            "or grant access (rabbitmqctl set_permissions)") from None
+            except (aiormq.exceptions.AMQPConnectionError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("cannot reach the broker at %s (attempt %d: %s); retrying in %.1fs",
+                            s.safe_url, attempt, exc or type(exc).__name__, delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 15.0)
+                continue
+            self._connection = connection
+            connection.close_callbacks.add(self._not_ready)
+            connection.reconnect_callbacks.add(self._reconnected)
+            return connection
+        return None
+
+    async def _open_channel(self, connection: aio_pika.abc.AbstractRobustConnection
+                            ) -> aio_pika.abc.AbstractRobustChannel:
+        """One channel consumes and publishes (confirms on, returns raise)."""
+        s = self.settings
+        channel: Any = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=s.prefetch)
+        try:
+            queues = {}
+            for spec in topology.all_queues(s):
+                queues[spec.name] = await channel.declare_queue(
+                    spec.name, durable=True, arguments=spec.arguments)
+            for delay in s.retry_delays:
+                self._tiers[delay] = topology.retry_queue_name(s.queue, delay)
+            if s.exchange:
+                exchange = await self._declare_exchange(channel)
+                for key in s.binding_keys:
+                    await queues[s.queue].bind(exchange, routing_key=key)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise Fatal(exitcodes.TOPOLOGY, _precondition_message(exc)) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise Fatal(exitcodes.BROKER_REFUSED,
+                        f"the broker refused to declare the topology ({_reply_text(exc)}); "
+                        "grant the user configure permission on the vhost") from None
+        if s.time_limit >= BROKER_CONSUMER_TIMEOUT and self.slot == 0:
+            log.warning("--time-limit %gs is at or above the broker's consumer_timeout (%gs): "
+                        "the broker closes the channel before the limit fires; lower it",
+                        s.time_limit, BROKER_CONSUMER_TIMEOUT)
+        return channel
+
+    async def _declare_exchange(self, channel: Any) -> Any:
+        s = self.settings
+        if s.exchange.startswith("amq."):
+            return await channel.get_exchange(s.exchange, ensure=True)
+        return await channel.declare_exchange(s.exchange, type=s.exchange_type, durable=True)
+
+    async def _declare_tier(self, delay: float) -> str:
+        """The retry queue for `delay` seconds; declared on first use (Retry(delay=...))."""
+        name = self._tiers.get(delay)
+        if name is None:
+            spec = topology.retry_queue(self.settings, delay)
+            assert self._channel is not None
+            await self._channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            name = self._tiers[delay] = spec.name
+        return name
+
+    async def _close(self) -> None:
+        self.board.ints[READY] = 0
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), 5.0)
+
+    # -- control channel -----------------------------------------------------------
+    async def _beat(self) -> None:
+        """Liveness from inside the loop: if a handler blocks the loop, beats stop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(BEAT_INTERVAL)
+            lag = max(0.0, loop.time() - before - BEAT_INTERVAL)
+            self.board.set_lag(lag)
+            self.control.send(control.BEAT, lag=round(lag, 4))
+            if os.getppid() != self.supervisor_pid:
+                self._orphaned("the supervisor is gone (parent pid changed)")
+
+    async def _commands(self) -> None:
+        while True:
+            msg = await self.control.receive()
+            if msg is None:
+                self._orphaned("the supervisor is gone (control channel closed)")
+                return
+            kind = msg.get("t")
+            if kind == control.DRAIN:
+                self.request_stop(self.settings.graceful_timeout)
+            elif kind == control.VERDICT:
+                future = self._verdicts.pop(msg["key"], None)
+                if future is not None and not future.done():
+                    future.set_result((int(msg["deaths"]), str(msg["reason"])))
+
+    def _orphaned(self, why: str) -> None:
+        if self.drain_deadline is None or self.drain_deadline > ORPHAN_DEADLINE:
+            log.warning("%s; stopping within %gs", why, ORPHAN_DEADLINE)
+        self.request_stop(min(ORPHAN_DEADLINE, self.settings.graceful_timeout))
+
+    async def _ask(self, key: int) -> tuple[int, str]:
+        """How many workers has this redelivered message killed? (0 if unknown)."""
+        future = self._verdicts.get(key)
+        if future is None:
+            future = self._verdicts[key] = asyncio.get_running_loop().create_future()
+            self.control.send(control.ASK, key=key)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), ASK_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._verdicts.pop(key, None)
+            return 0, ""
+
+
+def _reply_text(exc: BaseException) -> str:
+    return str(exc.args[-1] if exc.args else exc)
+
+
+def _precondition_message(exc: BaseException) -> str:
+    text = _reply_text(exc)
+    return (f"the broker refused the topology: {text}. A queue or exchange already exists "
+            "with other arguments: delete it (rabbitmqctl delete_queue NAME) or use the options "
+            "it was created with")
+
