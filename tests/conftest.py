@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import amqp
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    """A unique work queue name; the queue, its retry tiers and its DLQ are deleted after."""
+    name = amqp.unique()
+    yield name
+    amqp.delete(amqp.pool_queues(name))
+
+
+@pytest.fixture
+def record_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "records.txt"

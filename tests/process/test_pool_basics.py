@@ -1,0 +1,35 @@
+"""The pool end to end: the real CLI as a subprocess against the real broker."""
+
+from __future__ import annotations
+
+import collections
+import signal
+
+import pytest
+
+from tests.support import amqp
+from tests.support.handlers import read_records
+from tests.support.pool import Pool, wait_for
+
+
+@pytest.mark.timeout(120)
+def test_2000_messages_4_workers_each_handled_once(queue, record_file, tmp_path):
+    with Pool("tests.support.handlers:record", "--queue", queue, "--workers", "4",
+              "--prefetch", "20", tmp_path=tmp_path,
+              env={"RECORD_FILE": str(record_file)}) as pool:
+        pool.wait_ready()
+        ids = amqp.publish(queue, [{"n": i} for i in range(2000)])
+        wait_for(lambda: len(read_records(record_file)) >= 2000, 90, "2000 messages handled")
+        wait_for(lambda: pool.metric("rmqpool_messages_processed_total", queue=queue,
+                                     outcome="acked") >= 2000, 10, "acks counted")
+        pids = pool.worker_pids()
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(30) == 0, pool.log()
+    records = read_records(record_file)
+    handled = collections.Counter(mid for mid, *_ in records)
+    assert set(handled) == set(ids)
+    assert max(handled.values()) == 1, "a message was handled twice"
+    by_pid = collections.Counter(pid for _, _, pid, _ in records)
+    assert set(by_pid) == set(pids) and len(pids) == 4, (by_pid, pids)
+    assert all(n > 0 for n in by_pid.values())
+    assert amqp.count(queue) == 0

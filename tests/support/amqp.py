@@ -1,0 +1,112 @@
+"""Synchronous helpers for tests: publish, count, fetch and delete, against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import aio_pika
+
+URL = os.environ.get("RMQPOOL_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def unique(prefix: str = "t") -> str:
+    return f"rmqpool-test-{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(queue: str, bodies: Iterable[Any], url: str = URL, *,
+            content_type: str = "application/json", ids: Iterable[str] | None = None,
+            exchange: str = "", routing_key: str | None = None,
+            headers: dict[str, Any] | None = None) -> list[str]:
+    """Publish persistent messages with confirms; returns their message ids."""
+    bodies = list(bodies)
+    ids = list(ids) if ids is not None else [uuid.uuid4().hex for _ in bodies]
+
+    async def go() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            target = (await channel.get_exchange(exchange) if exchange
+                      else channel.default_exchange)
+            pending = []
+            for body, mid in zip(bodies, ids, strict=True):
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                pending.append(target.publish(
+                    aio_pika.Message(raw, content_type=content_type, message_id=mid,
+                                     headers=headers,
+                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=routing_key if routing_key is not None else queue))
+                if len(pending) >= 200:
+                    await asyncio.gather(*pending)
+                    pending = []
+            await asyncio.gather(*pending)
+
+    asyncio.run(go())
+    return ids
+
+
+def declare(queue: str, url: str = URL, arguments: dict[str, Any] | None = None) -> None:
+    async def go() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(queue, durable=True, arguments=arguments)
+
+    asyncio.run(go())
+
+
+def count(queue: str, url: str = URL) -> int | None:
+    """Ready messages in `queue`, or None if it does not exist."""
+    async def go() -> int | None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            try:
+                q = await channel.declare_queue(queue, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return None
+            return q.declaration_result.message_count
+
+    return asyncio.run(go())
+
+
+def get_all(queue: str, url: str = URL) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take every ready message from `queue` (acked)."""
+    async def go() -> list[aio_pika.abc.AbstractIncomingMessage]:
+        out = []
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            q = await channel.declare_queue(queue, passive=True)
+            while (msg := await q.get(fail=False)) is not None:
+                await msg.ack()
+                out.append(msg)
+        return out
+
+    return asyncio.run(go())
+
+
+def delete(queues: Iterable[str], url: str = URL, exchanges: Iterable[str] = ()) -> None:
+    async def go() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            for name in queues:
+                channel = await connection.channel()
+                await channel.queue_delete(name)
+            for name in exchanges:
+                channel = await connection.channel()
+                await channel.exchange_delete(name)
+
+    asyncio.run(go())
+
+
+def pool_queues(queue: str, delays: Iterable[float] = (1.0, 10.0, 60.0)) -> list[str]:
+    """The queues rmqpool declares for `queue`."""
+    from rmqpool import topology
+
+    return [queue, topology.dlq_name(queue),
+            *(topology.retry_queue_name(queue, d) for d in delays)]

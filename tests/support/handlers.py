@@ -1,0 +1,83 @@
+"""Handlers the process tests run. Each records what it handled in RECORD_FILE
+(one line per call: message id, attempt, pid), appended atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import rmqpool
+
+
+def _record(message: rmqpool.Message, extra: str = "") -> None:
+    line = f"{message.message_id} {message.attempt} {os.getpid()} {extra}\n".encode()
+    fd = os.open(os.environ["RECORD_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def record(body: Any, message: rmqpool.Message) -> None:
+    _record(message)
+
+
+async def record_async(body: Any, message: rmqpool.Message) -> None:
+    _record(message)
+
+
+def slow(body: Any, message: rmqpool.Message) -> None:
+    """Sleeps body["sleep"] seconds, then records."""
+    time.sleep(float(body.get("sleep", 0)))
+    _record(message)
+
+
+def cpu(body: Any, message: rmqpool.Message) -> None:
+    """Burns pure-Python CPU for body["seconds"], then records."""
+    deadline = time.monotonic() + float(body.get("seconds", 0))
+    n = 0
+    while time.monotonic() < deadline:
+        n += sum(i * i for i in range(1000))
+    _record(message, str(n % 7))
+
+
+def behave(body: Any, message: rmqpool.Message) -> None:
+    """Does what the body says: fail_until (attempt), reject, retry_delay, die, hang, sleep."""
+    _record(message, "start")
+    if body.get("die"):
+        os._exit(13)
+    if body.get("hang"):
+        time.sleep(3600)
+    if body.get("sleep"):
+        time.sleep(float(body["sleep"]))
+    if body.get("reject"):
+        raise rmqpool.Reject(body["reject"])
+    if body.get("retry_delay") and message.attempt == 1:
+        raise rmqpool.Retry(delay=float(body["retry_delay"]))
+    if message.attempt < int(body.get("fail_until", 0)):
+        raise ValueError(f"failing attempt {message.attempt}")
+    if body.get("fail"):
+        raise RuntimeError(f"always fails: {body['fail']}")
+    _record(message, "done")
+
+
+async def behave_async(body: Any, message: rmqpool.Message) -> None:
+    if body.get("hang"):
+        _record(message, "start")
+        await asyncio.sleep(3600)
+    behave(body, message)
+
+
+def read_records(path: os.PathLike[str] | str) -> list[tuple[str, int, int, str]]:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        mid, attempt, pid, *extra = line.split(" ")
+        out.append((mid, int(attempt), int(pid), extra[0] if extra else ""))
+    return out
