@@ -22,6 +22,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import scoreboard as sb
+from . import topology
 from .outcome import REASONS
 
 if TYPE_CHECKING:
@@ -105,6 +106,15 @@ class PoolCollector:
         for slot, worker in sorted(sup.active.items()):
             lag.add_metric([str(slot)], worker.board.floats[sb.LOOP_LAG])
         yield lag
+        depth = GaugeMetricFamily("rmqpool_queue_messages",
+                                  "Ready messages in the work queue, its retry queues and its "
+                                  "DLQ (polled by the workers every 5 s)", labels=["queue"])
+        polls = [w.board.depths() for w in live]
+        at, depths = max(polls, default=(0.0, []), key=lambda p: p[0])
+        if at:
+            for spec, value in zip(topology.all_queues(sup.settings), depths, strict=True):
+                depth.add_metric([spec.name], value)
+        yield depth
         info = GaugeMetricFamily("rmqpool_info", "rmqpool version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterable
 
-from . import control, exitcodes
+from . import control, exitcodes, topology
 from . import log as rlog
 from .handler import Handler
 from .scoreboard import Scoreboard
@@ -72,7 +72,7 @@ class WorkerProcess:
 def spawn(settings: Settings, slot: int, generation: int, handler: Handler,
           close_in_child: Iterable[int]) -> WorkerProcess:
     parent_end, child_end = control.pair()
-    board = Scoreboard(settings.concurrency)
+    board = Scoreboard(settings.concurrency, len(topology.all_queues(settings)))
     supervisor_pid = os.getpid()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -39,7 +39,9 @@ N_INT = _BUCKET + len(BUCKETS) + 1  # +Inf bucket
 # Float cells (indexed in the float view, after the integer cells).
 DURATION_SUM = N_INT
 LOOP_LAG = N_INT + 1
-_SLOTS = N_INT + 2  # then per concurrency slot: key (int view), started (float view)
+DEPTHS_AT = N_INT + 2  # time.monotonic() of the last queue-depth poll (0: never)
+_SLOTS = N_INT + 3  # then per concurrency slot: key (int view), started (float view);
+# then one cell per polled queue: ready messages (int view)
 
 PROCESSED = {name: _PROCESSED + i for i, name in enumerate(OUTCOMES)}
 DEAD = {name: _DEAD + i for i, name in enumerate(REASONS)}
@@ -54,9 +56,11 @@ class Running:
 class Scoreboard:
     """One worker process's cells. Created in the supervisor, shared across fork."""
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, queues: int = 0) -> None:
         self.concurrency = concurrency
-        self._mm = mmap.mmap(-1, 8 * (_SLOTS + 2 * concurrency))
+        self.queues = queues
+        self._depths = _SLOTS + 2 * concurrency
+        self._mm = mmap.mmap(-1, 8 * (self._depths + queues))
         self.ints = memoryview(self._mm).cast("Q")
         self.floats = memoryview(self._mm).cast("d")
 
@@ -91,7 +95,19 @@ class Scoreboard:
     def beat(self, lag: float) -> None:
         self.floats[LOOP_LAG] = lag
 
+    def set_depths(self, depths: list[int]) -> None:
+        for i, depth in enumerate(depths):
+            self.ints[self._depths + i] = depth
+        self.floats[DEPTHS_AT] = time.monotonic()
+
     # -- read by the supervisor -------------------------------------------------
+    def depths(self) -> tuple[float, list[int]]:
+        """(when they were polled, ready messages per queue); (0, []) if never."""
+        at = float(self.floats[DEPTHS_AT])
+        if not at:
+            return 0.0, []
+        return at, list(self.ints[self._depths:self._depths + self.queues])
+
     def running(self) -> list[Running]:
         out = []
         for i in range(self.concurrency):

@@ -31,6 +31,7 @@ from .settings import BROKER_CONSUMER_TIMEOUT, Settings
 log = logging.getLogger("rmqpool.worker")
 
 BEAT_INTERVAL = 1.0
+DEPTH_INTERVAL = 5.0  # seconds between polls of the queues' depths (for metrics)
 ORPHAN_DEADLINE = 3.0  # seconds an orphaned worker gives in-flight handlers
 ASK_TIMEOUT = 5.0
 
@@ -85,6 +86,7 @@ class Worker:
             consumer = Consumer(channel, self.settings.queue, dispatcher,
                                 self.settings.concurrency, self._ready)
             await consumer.start()
+            side.append(asyncio.create_task(self._poll_depths(channel)))
             await self._stop.wait()
             drained = await consumer.drain(self.drain_deadline or 0.0)
             await self._close()
@@ -221,6 +223,23 @@ class Worker:
             self.control.send(control.BEAT, lag=round(lag, 4))
             if os.getppid() != self.supervisor_pid:
                 self._orphaned("the supervisor is gone (parent pid changed)")
+
+    async def _poll_depths(self, channel: aio_pika.abc.AbstractRobustChannel) -> None:
+        """Ready messages in the work queue, its retry tiers and its DLQ, for metrics.
+        The supervisor has no broker connection of its own: it reports the freshest poll."""
+        names = [spec.name for spec in topology.all_queues(self.settings)]
+        while True:
+            try:
+                raw = await channel.get_underlay_channel()
+                depths = []
+                for name in names:
+                    ok = await raw.queue_declare(name, passive=True)
+                    depths.append(ok.message_count or 0)
+                self.board.set_depths(depths)
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError) as exc:
+                log.debug("polling queue depths failed: %s", exc)
+            await asyncio.sleep(DEPTH_INTERVAL)
 
     async def _commands(self) -> None:
         while True:
