@@ -1,0 +1,47 @@
+import pytest
+
+from rmqpool.exceptions import (MalformedMessage, Reject, Retry, TimeLimitExceeded,
+                                WorkerDied)
+from rmqpool.outcome import Action, Outcome, Policy, decide
+
+P = Policy(max_retries=3, delays=(1.0, 10.0, 60.0), max_worker_deaths=3)
+
+
+@pytest.mark.parametrize(("exc", "attempt", "expected"), [
+    (None, 1, Outcome(Action.ACK)),
+    (None, 4, Outcome(Action.ACK)),
+    (ValueError("x"), 1, Outcome(Action.RETRY, delay=1.0)),
+    (ValueError("x"), 2, Outcome(Action.RETRY, delay=10.0)),
+    (ValueError("x"), 3, Outcome(Action.RETRY, delay=60.0)),
+    (ValueError("x"), 4, Outcome(Action.DEAD_LETTER, reason="max_retries")),
+    (ValueError("x"), 9, Outcome(Action.DEAD_LETTER, reason="max_retries")),
+    (Reject("no"), 1, Outcome(Action.DEAD_LETTER, reason="rejected")),
+    (MalformedMessage("bad"), 1, Outcome(Action.DEAD_LETTER, reason="malformed")),
+    (Retry(delay=5), 1, Outcome(Action.RETRY, delay=5.0)),
+    (Retry(delay=5), 4, Outcome(Action.DEAD_LETTER, reason="max_retries")),
+    (Retry(), 2, Outcome(Action.RETRY, delay=10.0)),
+    (TimeLimitExceeded("slow"), 1, Outcome(Action.RETRY, delay=1.0)),
+    (TimeLimitExceeded("slow"), 4, Outcome(Action.DEAD_LETTER, reason="time_limit")),
+    (WorkerDied(1, "crash"), 1, Outcome(Action.RETRY, delay=1.0)),
+    (WorkerDied(3, "crash"), 1, Outcome(Action.DEAD_LETTER, reason="poison")),
+    (WorkerDied(3, "heartbeat"), 1, Outcome(Action.DEAD_LETTER, reason="poison")),
+    (WorkerDied(3, "time_limit"), 1, Outcome(Action.DEAD_LETTER, reason="time_limit")),
+    (WorkerDied(1, "time_limit"), 4, Outcome(Action.DEAD_LETTER, reason="time_limit")),
+])
+def test_decide(exc, attempt, expected):
+    assert decide(exc, attempt, P) == expected
+
+
+def test_delays_past_the_last_tier_reuse_it():
+    policy = Policy(max_retries=5, delays=(2.0,))
+    assert [policy.delay_for(a) for a in range(1, 6)] == [2.0] * 5
+
+
+def test_no_retries_dead_letters_the_first_failure():
+    assert decide(KeyError("k"), 1, Policy(max_retries=0)) == Outcome(
+        Action.DEAD_LETTER, reason="max_retries")
+
+
+def test_retry_rejects_non_positive_delay():
+    with pytest.raises(ValueError, match="delay must be > 0"):
+        Retry(delay=0)

@@ -1,0 +1,85 @@
+import pickle
+
+import pytest
+
+from rmqpool.settings import OPTIONS, Settings, SettingsError, redact_url, resolve
+
+H = "examples.handlers:handle"
+
+
+def test_defaults():
+    s = resolve(H, {}, {}, cpu_count=3)
+    assert s.workers == 3 and s.queue == "rmqpool" and s.prefetch == 10
+    assert s.url == "amqp://guest:guest@localhost:5672/"
+    assert s.binding_keys == ("rmqpool",)
+
+
+def test_flag_beats_env_beats_default():
+    env = {"RMQPOOL_WORKERS": "5", "RMQPOOL_QUEUE": "from-env"}
+    assert resolve(H, {}, env).workers == 5
+    assert resolve(H, {"workers": 2}, env).workers == 2
+    assert resolve(H, {"workers": 2}, env).queue == "from-env"
+
+
+def test_rabbitmq_url_is_honoured_below_rmqpool_url():
+    assert resolve(H, {}, {"RABBITMQ_URL": "amqp://a:b@h/"}).url == "amqp://a:b@h/"
+    env = {"RABBITMQ_URL": "amqp://a:b@h/", "RMQPOOL_URL": "amqp://c:d@i/"}
+    assert resolve(H, {}, env).url == "amqp://c:d@i/"
+
+
+def test_env_lists_and_handler():
+    env = {"RMQPOOL_ROUTING_KEY": "a.*, b.#", "RMQPOOL_EXCHANGE": "ex",
+           "RMQPOOL_RETRY_DELAYS": "0.5,2", "RMQPOOL_HANDLER": H}
+    s = resolve(None, {}, env)
+    assert s.routing_key == ("a.*", "b.#") and s.retry_delays == (0.5, 2.0)
+    assert s.handler == H
+
+
+@pytest.mark.parametrize(("flags", "env", "message"), [
+    ({"workers": 0}, {}, "--workers must be > 0"),
+    ({}, {"RMQPOOL_WORKERS": "0"}, "--workers must be > 0"),
+    ({}, {"RMQPOOL_WORKERS": "many"}, "RMQPOOL_WORKERS 'many' is not an integer"),
+    ({"prefetch": -1}, {}, "--prefetch must be > 0"),
+    ({"queue_type": "stream"}, {}, "--queue-type 'stream' is not one of classic, quorum"),
+    ({"url": "http://x/"}, {}, "scheme 'http'"),
+    ({"url": "amqp://u:secret@h:99999/"}, {}, "not a valid URL"),
+    ({"concurrency": 20, "prefetch": 10}, {}, "raise --prefetch"),
+    ({"routing_key": ["a"]}, {}, "--routing-key needs --exchange"),
+    ({"retry_delays": (0.0,)}, {}, "--retry-delays must all be > 0"),
+    ({"worker_timeout": 1}, {}, "--worker-timeout 1"),
+    ({"queue": "amq.x"}, {}, "not a usable queue name"),
+])
+def test_bad_values_name_the_option(flags, env, message):
+    with pytest.raises(SettingsError, match=message.replace("*", r"\*").replace("(", r"\(")):
+        resolve(H, flags, env)
+
+
+@pytest.mark.parametrize("spec", ["nocolon", "a:b:c", ":f", "m:", "1mod:f", "m:f-g"])
+def test_bad_handler_spec(spec):
+    with pytest.raises(SettingsError, match="is not MODULE:FUNCTION"):
+        resolve(spec, {}, {})
+
+
+def test_missing_handler():
+    with pytest.raises(SettingsError, match="no handler given"):
+        resolve(None, {}, {})
+
+
+def test_password_never_in_repr():
+    s = resolve(H, {"url": "amqp://user:s3cret@host:5672/vh"}, {})
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s)
+    assert "user:***@host:5672" in repr(s)
+    assert s.safe_url == "amqp://user:***@host:5672/vh"
+    assert redact_url("amqp://host/") == "amqp://host/"
+
+
+def test_settings_are_frozen_and_picklable():
+    s = resolve(H, {}, {})
+    assert pickle.loads(pickle.dumps(s)) == s
+    with pytest.raises(AttributeError):
+        s.workers = 9  # type: ignore[misc]
+
+
+def test_every_option_is_a_settings_field():
+    fields = set(Settings.__dataclass_fields__)
+    assert {opt.attr for opt in OPTIONS} <= fields

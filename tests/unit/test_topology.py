@@ -1,0 +1,24 @@
+from rmqpool import topology as t
+from rmqpool.settings import resolve
+
+
+def test_names_and_arguments_classic():
+    s = resolve("m:f", {"queue": "jobs", "retry_delays": (1.0, 0.25)}, {})
+    queues = {q.name: q.arguments for q in t.all_queues(s)}
+    assert set(queues) == {"jobs", "jobs.dlq", "jobs.retry.1s", "jobs.retry.250ms"}
+    assert queues["jobs"] == {}
+    assert queues["jobs.retry.250ms"] == {
+        "x-message-ttl": 250, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "jobs"}
+    # The work queue is declared last: its dead-letter target must exist first.
+    assert t.all_queues(s)[-1].name == "jobs"
+
+
+def test_quorum_queues_dead_letter_at_least_once():
+    s = resolve("m:f", {"queue": "jobs", "queue_type": "quorum"}, {})
+    work = t.work_queue(s).arguments
+    assert work["x-queue-type"] == "quorum"
+    assert work["x-dead-letter-strategy"] == "at-least-once"
+    assert work["x-overflow"] == "reject-publish"
+    assert work["x-dead-letter-routing-key"] == "jobs.dlq"
+    assert work["x-delivery-limit"] == t.QUORUM_DELIVERY_LIMIT
+    assert t.retry_queue(s, 10).arguments["x-queue-type"] == "quorum"
