@@ -12,7 +12,8 @@ import rmqpool
 
 
 def _record(message: rmqpool.Message, extra: str = "") -> None:
-    line = f"{message.message_id} {message.attempt} {os.getpid()} {extra}\n".encode()
+    line = f"{message.message_id} {message.attempt} {os.getpid()} {extra} {time.time()}\n"
+    line = line.encode()
     fd = os.open(os.environ["RECORD_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -81,3 +82,29 @@ def read_records(path: os.PathLike[str] | str) -> list[tuple[str, int, int, str]
         mid, attempt, pid, *extra = line.split(" ")
         out.append((mid, int(attempt), int(pid), extra[0] if extra else ""))
     return out
+
+
+def read_times(path: os.PathLike[str] | str, tag: str = "start") -> dict[str, list[float]]:
+    """message id -> wall-clock times of its records with `tag`, in order."""
+    out: dict[str, list[float]] = {}
+    with open(path) as f:
+        for line in f.read().splitlines():
+            mid, _, _, extra, ts = line.split(" ")
+            if extra == tag:
+                out.setdefault(mid, []).append(float(ts))
+    return out
+
+
+def timed(body: Any, message: rmqpool.Message) -> None:
+    """Sleeps body["sleep"] seconds, then records with the wall-clock time as its tag."""
+    time.sleep(float(body.get("sleep", 0)))
+    _record(message, f"{time.time():.6f}")
+
+
+async def block_loop(body: Any, message: rmqpool.Message) -> None:
+    """An async handler that wrongly blocks its event loop: time.sleep(body["block"])
+    on the loop (no beats, no heartbeats meanwhile), then records."""
+    if body.get("block"):
+        _record(message, "blocking")
+        time.sleep(float(body["block"]))
+    _record(message, "done")
