@@ -24,7 +24,7 @@ from . import topology as t
 from .exceptions import TimeLimitExceeded, WorkerDied
 from .handler import Handler
 from .message import Message, attempt_of, decode_body
-from .outcome import Action, Outcome, Policy, decide
+from .outcome import Action, Outcome, Policy, charge, decide
 from .publisher import PublishFailed, Publisher
 from .scoreboard import Scoreboard
 from .settings import Settings
@@ -91,10 +91,9 @@ class Dispatcher:
         """Run the handler once: (the exception it raised or None, seconds; -1 if not run)."""
         try:
             if raw.delivery.redelivered:
-                deaths, reason = await self.ask(message_key(raw))
-                deaths += int((props.headers or {}).get(t.H_DEATHS, 0))
-                if deaths:
-                    return WorkerDied(deaths, reason), -1.0
+                failure = charge(*await self.ask(message_key(raw)), self.policy)
+                if failure is not None:
+                    return failure, -1.0
             body = decode_body(raw.body, props.content_type, props.content_encoding)
         except Exception as exc:  # noqa: BLE001 - malformed body: the outcome decides
             return exc, -1.0

@@ -60,6 +60,17 @@ def decide(exc: BaseException | None, attempt: int, policy: Policy) -> Outcome:
     return Outcome(Action.RETRY, delay=policy.delay_for(attempt))
 
 
+def charge(deaths: int, reason: str, policy: Policy) -> WorkerDied | None:
+    """Before a redelivered message runs again: what its worker deaths mean.
+
+    None: run it again now (a crash, a kill or OOM below --max-worker-deaths costs no
+    attempt, so an unlucky message is not penalised). Otherwise the failure to decide()
+    on: too many deaths (dead-letter), or a time-limit kill (charged an attempt)."""
+    if deaths and (deaths >= policy.max_worker_deaths or reason == "time_limit"):
+        return WorkerDied(deaths, reason)
+    return None
+
+
 def _final_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeLimitExceeded):
         return "time_limit"

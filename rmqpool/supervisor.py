@@ -358,7 +358,7 @@ class Supervisor:
 
     def _on_ask(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         self._reap()  # a worker that just died may hold the charge being asked for
-        deaths, reason = self.charges.pop(int(msg["key"]), (0, ""))
+        deaths, reason = self.charges.get(int(msg["key"]), (0, ""))
         worker.end.send(control.VERDICT, key=msg["key"], deaths=deaths, reason=reason)
 
     _control_actions: dict[str, Callable[[Supervisor, WorkerProcess, dict[str, Any]], None]] = {

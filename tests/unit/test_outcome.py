@@ -2,7 +2,7 @@ import pytest
 
 from rmqpool.exceptions import (MalformedMessage, Reject, Retry, TimeLimitExceeded,
                                 WorkerDied)
-from rmqpool.outcome import Action, Outcome, Policy, decide
+from rmqpool.outcome import Action, Outcome, Policy, charge, decide
 
 P = Policy(max_retries=3, delays=(1.0, 10.0, 60.0), max_worker_deaths=3)
 
@@ -45,3 +45,16 @@ def test_no_retries_dead_letters_the_first_failure():
 def test_retry_rejects_non_positive_delay():
     with pytest.raises(ValueError, match="delay must be > 0"):
         Retry(delay=0)
+
+
+@pytest.mark.parametrize(("deaths", "reason", "expected"), [
+    (0, "", None),
+    (1, "crash", None),
+    (2, "heartbeat", None),
+    (3, "crash", Outcome(Action.DEAD_LETTER, reason="poison")),
+    (1, "time_limit", Outcome(Action.RETRY, delay=1.0)),
+    (3, "time_limit", Outcome(Action.DEAD_LETTER, reason="time_limit")),
+])
+def test_charge_for_worker_deaths(deaths, reason, expected):
+    failure = charge(deaths, reason, P)
+    assert (None if failure is None else decide(failure, 1, P)) == expected
