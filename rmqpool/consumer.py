@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import aio_pika
 import aiormq
 from aiormq.abc import DeliveredMessage
 
+from . import exitcodes
 from .dispatch import Dispatcher
 
 log = logging.getLogger("rmqpool.consumer")
@@ -27,12 +29,14 @@ log = logging.getLogger("rmqpool.consumer")
 
 class Consumer:
     def __init__(self, channel: aio_pika.abc.AbstractRobustChannel, queue: str,
-                 dispatcher: Dispatcher, concurrency: int, on_ready: Callable[[], None]):
+                 dispatcher: Dispatcher, concurrency: int, on_ready: Callable[[], None],
+                 on_lost: Callable[[str], None]):
         self._channel = channel
         self._queue = queue
         self._dispatcher = dispatcher
         self._concurrency = concurrency
         self._on_ready = on_ready
+        self._on_lost = on_lost
         self._buffer: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
         self._runners: list[asyncio.Task[None]] = []
         self._raw: aiormq.abc.AbstractChannel | None = None
@@ -49,7 +53,14 @@ class Consumer:
         raw = await self._channel.get_underlay_channel()
         ok = await raw.basic_consume(self._queue, self._on_delivery)
         self._raw, self._tag = raw, ok.consumer_tag
+        raw.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         self._on_ready()
+
+    def _on_broker_cancel(self, frame: Any) -> None:
+        if frame.consumer_tag == self._tag and not self._draining:
+            # The queue was deleted (or its leader moved): a fresh worker declares it again.
+            self._on_lost(f"the broker cancelled the consumer of {self._queue!r} "
+                          "(queue deleted?)")
 
     async def _on_reopen(self, _sender: Any) -> None:
         if not self._draining:
@@ -64,8 +75,15 @@ class Consumer:
             raw = await buffer.get()
             if raw is None:
                 return
-            if not raw.channel.is_closed:
+            if raw.channel.is_closed:
+                continue
+            try:
                 await dispatch(raw, index)
+            except Exception:  # noqa: BLE001 - a bug: the message would stay unacked forever
+                log.critical("internal error handling a message; the worker exits and the "
+                             "broker redelivers its messages", exc_info=True)
+                logging.shutdown()
+                os._exit(exitcodes.INTERNAL)
 
     async def drain(self, timeout: float) -> bool:
         """Stop consuming, return unstarted messages, give in-flight ones `timeout`

@@ -108,7 +108,8 @@ class Dispatcher:
             else:
                 async with limit:
                     await self.handler.fn(*args)
-        except Exception as exc:  # noqa: BLE001 - a failing handler is an outcome, not a crash
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+            # A failing handler is an outcome, not a crash; sys.exit() in a handler too.
             if isinstance(exc, TimeoutError) and limit.expired():
                 log.error("handler ran past --time-limit %gs; cancelled", self.time_limit,
                           extra={"event": self._event(raw, "time_limit", self.time_limit or 0)})

@@ -64,6 +64,7 @@ class Worker:
         self.control = control.WorkerEnd(sock)
         self.drain_deadline: float | None = None  # seconds to drain, once asked to stop
         self._stop = asyncio.Event()
+        self._lost = False  # stopping on our own (consumer cancelled by the broker)
         self._verdicts: dict[int, asyncio.Future[tuple[int, str]]] = {}
         self._tiers: dict[float, str] = {}
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -84,12 +85,14 @@ class Worker:
             dispatcher = Dispatcher(self.handler, self.settings, self.slot, self.board,
                                     Publisher(channel), self._ask, self._declare_tier)
             consumer = Consumer(channel, self.settings.queue, dispatcher,
-                                self.settings.concurrency, self._ready)
+                                self.settings.concurrency, self._ready, self._consumer_lost)
             await consumer.start()
             side.append(asyncio.create_task(self._poll_depths(channel)))
             await self._stop.wait()
             drained = await consumer.drain(self.drain_deadline or 0.0)
             await self._close()
+            if self._lost:
+                return exitcodes.INTERNAL  # not asked to stop: the supervisor restarts us
             return exitcodes.OK if drained else exitcodes.FORCED
         except Fatal as fatal:
             log.error("%s", fatal)
@@ -106,6 +109,11 @@ class Worker:
         if self.drain_deadline is None or deadline < self.drain_deadline:
             self.drain_deadline = deadline
         self._stop.set()
+
+    def _consumer_lost(self, why: str) -> None:
+        log.error("%s; restarting this worker", why)
+        self._lost = True
+        self.request_stop(self.settings.graceful_timeout)
 
     def _ready(self) -> None:
         self.board.ints[READY] = 1

@@ -33,3 +33,19 @@ def test_2000_messages_4_workers_each_handled_once(queue, record_file, tmp_path)
     assert set(by_pid) == set(pids) and len(pids) == 4, (by_pid, pids)
     assert all(n > 0 for n in by_pid.values())
     assert amqp.count(queue) == 0
+
+
+@pytest.mark.timeout(60)
+def test_queue_deleted_under_the_pool_is_declared_again(queue, record_file, tmp_path):
+    with Pool("tests.support.handlers:record", "--queue", queue, "--workers", "1",
+              tmp_path=tmp_path, env={"RECORD_FILE": str(record_file)}) as pool:
+        pool.wait_ready()
+        [old_pid] = pool.worker_pids()
+        amqp.delete([queue])
+        wait_for(lambda: "cancelled the consumer" in pool.log(), 10, "the cancel noticed")
+        wait_for(lambda: pool.is_ready() and pool.worker_pids() != [old_pid], 15,
+                 "a new worker consuming")
+        [mid] = amqp.publish(queue, [{"n": 1}])
+        wait_for(lambda: [r for r in read_records(record_file) if r[0] == mid], 10, "handled")
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0
