@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import functools
 import logging
+import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 
 from . import topology as t
-from .exceptions import TimeLimitExceeded, WorkerDied
+from .exceptions import Retry, TimeLimitExceeded, WorkerDied
 from .handler import Handler
 from .message import Message, attempt_of, decode_body
 from .outcome import Action, Outcome, Policy, charge, decide
@@ -148,7 +149,10 @@ class Dispatcher:
             headers[t.H_DEATHS] = exc.deaths
         if outcome.action is Action.RETRY:
             headers[t.H_ATTEMPT] = attempt + 1
-            await self.publisher.republish(raw, await self.declare_tier(outcome.delay), headers)
+            delay = outcome.delay
+            if not isinstance(exc, Retry):  # a delay the handler asked for is kept exact
+                delay = random.choice(t.jittered(delay, self.settings.retry_jitter))
+            await self.publisher.republish(raw, await self.declare_tier(delay), headers)
             return
         headers.update({
             t.H_ATTEMPT: attempt,

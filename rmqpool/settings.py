@@ -74,6 +74,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-retries", int, 3, "retries after the first attempt before dead-lettering", "N"),
     Option("retry-delays", _floats, (1.0, 10.0, 60.0),
            "comma-separated delay tiers in seconds; retry n waits tier min(n, last)", "S,S,..."),
+    Option("retry-jitter", float, 0.0,
+           "spread each retry tier over [delay x (1 - jitter), delay] (4 queues per tier)",
+           "FRACTION"),
     Option("time-limit", float, 0.0,
            "hard limit per message in seconds (0: none)", "SECONDS"),
     Option("max-worker-deaths", int, 3,
@@ -117,6 +120,7 @@ class Settings:
     worker_timeout: float = 30.0
     max_retries: int = 3
     retry_delays: tuple[float, ...] = (1.0, 10.0, 60.0)
+    retry_jitter: float = 0.0
     time_limit: float = 0.0
     max_worker_deaths: int = 3
     metrics_host: str = "0.0.0.0"
@@ -167,6 +171,9 @@ class Settings:
         if any(d <= 0 for d in self.retry_delays):
             raise SettingsError(
                 f"--retry-delays must all be > 0 seconds (got {_fmt(self.retry_delays)})")
+        if not 0 <= self.retry_jitter < 1:
+            raise SettingsError(f"--retry-jitter must be in [0, 1) (got {self.retry_jitter:g}); "
+                                "0.2 spreads a 10 s retry over 8-10 s")
         if self.time_limit < 0:
             raise SettingsError(f"--time-limit must be >= 0 seconds (got {self.time_limit})")
         _positive("max_worker_deaths", self.max_worker_deaths)

@@ -84,7 +84,25 @@ def dead_letter_queue(settings: Settings) -> QueueSpec:
     return QueueSpec(dlq_name(settings.queue), _type_args(settings.queue_type))
 
 
+JITTER_STEPS = 4  # queues per retry tier when --retry-jitter is set
+
+
+def jittered(delay: float, jitter: float) -> tuple[float, ...]:
+    """The delays a retry of tier `delay` may wait: each has a queue of its own, so no
+    message waits behind a longer one. Rounded to whole milliseconds."""
+    if not jitter:
+        return (delay,)
+    steps = [delay * (1 - jitter * i / (JITTER_STEPS - 1)) for i in range(JITTER_STEPS)]
+    return tuple(sorted({round(d, 3) for d in steps}))
+
+
+def retry_delays(settings: Settings) -> list[float]:
+    """Every delay that has a retry queue declared at start."""
+    return sorted({d for tier in settings.retry_delays
+                   for d in jittered(tier, settings.retry_jitter)})
+
+
 def all_queues(settings: Settings) -> list[QueueSpec]:
     """The work queue, its retry tiers and its DLQ, in the order they are declared."""
-    tiers = [retry_queue(settings, d) for d in sorted(set(settings.retry_delays))]
+    tiers = [retry_queue(settings, d) for d in retry_delays(settings)]
     return [dead_letter_queue(settings), *tiers, work_queue(settings)]

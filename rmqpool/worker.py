@@ -179,7 +179,7 @@ class Worker:
             for spec in topology.all_queues(s):
                 queues[spec.name] = await channel.declare_queue(
                     spec.name, durable=True, arguments=spec.arguments)
-            for delay in s.retry_delays:
+            for delay in topology.retry_delays(s):
                 self._tiers[delay] = topology.retry_queue_name(s.queue, delay)
             if s.exchange:
                 exchange = await self._declare_exchange(channel)

@@ -162,3 +162,21 @@ def test_warns_when_the_time_limit_reaches_the_consumer_timeout(queue, record_fi
         pool.wait_ready()
         wait_for(lambda: "consumer_timeout" in pool.log(), 10, "the warning")
         stop(pool)
+
+
+@pytest.mark.timeout(60)
+def test_retry_jitter_spreads_delays_over_broker_queues(queue, record_file, tmp_path):
+    with Pool("tests.support.handlers:behave", "--queue", queue, "--workers", "2",
+              "--max-retries", "1", "--retry-delays", "0.8", "--retry-jitter", "0.5",
+              tmp_path=tmp_path, env={"RECORD_FILE": str(record_file)}) as pool:
+        pool.wait_ready()
+        ids = amqp.publish(queue, [{"fail_until": 2} for _ in range(40)])
+        wait_for(lambda: len(read_times(record_file, "done")) == 40, 30, "all retried once")
+        stop(pool)
+    starts = read_times(record_file, "start")
+    gaps = [starts[m][1] - starts[m][0] for m in ids]
+    assert min(gaps) >= 0.4 * 0.95 and max(gaps) < 0.8 + 1.0, gaps
+    assert max(gaps) - min(gaps) > 0.1, "delays were not spread"
+    tiers = [t.retry_queue_name(queue, d) for d in t.jittered(0.8, 0.5)]
+    assert len(tiers) == 4 and all(amqp.count(q) == 0 for q in tiers)
+    amqp.delete(tiers)

@@ -47,6 +47,7 @@ def test_env_lists_and_handler():
     ({"routing_key": ["a"]}, {}, "--routing-key needs --exchange"),
     ({"retry_delays": (0.0,)}, {}, "--retry-delays must all be > 0"),
     ({"worker_timeout": 1}, {}, "--worker-timeout 1"),
+    ({"retry_jitter": 1.0}, {}, "--retry-jitter must be in"),
     ({"queue": "amq.x"}, {}, "not a usable queue name"),
 ])
 def test_bad_values_name_the_option(flags, env, message):

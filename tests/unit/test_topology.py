@@ -22,3 +22,12 @@ def test_quorum_queues_dead_letter_at_least_once():
     assert work["x-dead-letter-routing-key"] == "jobs.dlq"
     assert work["x-delivery-limit"] == t.QUORUM_DELIVERY_LIMIT
     assert t.retry_queue(s, 10).arguments["x-queue-type"] == "quorum"
+
+
+def test_jitter_spreads_each_tier_over_its_own_queues():
+    assert t.jittered(10.0, 0.0) == (10.0,)
+    assert t.jittered(10.0, 0.3) == (7.0, 8.0, 9.0, 10.0)
+    s = resolve("m:f", {"queue": "j", "retry_delays": (1.0, 10.0), "retry_jitter": 0.3}, {})
+    names = {q.name for q in t.all_queues(s)}
+    assert {"j.retry.700ms", "j.retry.1s", "j.retry.7s", "j.retry.10s"} <= names
+    assert len(names) == 2 + 8
