@@ -22,7 +22,8 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 
 from . import exitcodes
-from .dispatch import Dispatcher
+from .broker_errors import BROKER_ERRORS
+from .dispatch import Dispatcher, tag_of
 
 log = logging.getLogger("rmqpool.consumer")
 
@@ -51,7 +52,7 @@ class Consumer:
 
     async def _consume(self) -> None:
         raw = await self._channel.get_underlay_channel()
-        ok = await raw.basic_consume(self._queue, self._on_delivery)
+        ok = await raw.basic_consume(self._queue, self._ondeliver_framey)
         self._raw, self._tag = raw, ok.consumer_tag
         raw.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         self._on_ready()
@@ -66,7 +67,7 @@ class Consumer:
         if not self._draining:
             await self._consume()
 
-    async def _on_delivery(self, raw: DeliveredMessage) -> None:
+    async def _ondeliver_framey(self, raw: DeliveredMessage) -> None:
         self._buffer.put_nowait(raw)
 
     async def _run(self, index: int) -> None:
@@ -93,8 +94,7 @@ class Consumer:
         if raw is not None and tag is not None and not raw.is_closed:
             try:
                 await asyncio.wait_for(raw.basic_cancel(tag), timeout=min(5.0, timeout))
-            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError, asyncio.TimeoutError) as exc:
+            except BROKER_ERRORS as exc:
                 log.warning("cancelling the consumer failed (%s); closing the connection "
                             "returns unstarted messages instead", exc)
         returned = await self._return_unstarted()
@@ -119,10 +119,9 @@ class Consumer:
             if raw is None or raw.channel.is_closed:
                 continue
             try:
-                await raw.channel.basic_nack(raw.delivery.delivery_tag, requeue=True)
+                await raw.channel.basic_nack(tag_of(raw), requeue=True)
                 returned += 1
-            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError):
+            except BROKER_ERRORS:
                 pass  # the connection is gone: the broker requeues it anyway
         return returned
 

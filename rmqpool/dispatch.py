@@ -16,17 +16,19 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
-import aiormq
 from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from pamqp.common import FieldTable
 
 from . import topology as t
+from .broker_errors import BROKER_ERRORS
 from .exceptions import Retry, TimeLimitExceeded, WorkerDied
 from .handler import Handler
 from .message import Message, attempt_of, decode_body
 from .outcome import Action, Outcome, Policy, charge, decide
-from .publisher import PublishFailed, Publisher
+from .publisher import Publisher, PublishFailed
 from .scoreboard import Scoreboard
 from .settings import Settings
 
@@ -36,6 +38,15 @@ TRACEBACK_LIMIT = 4000
 EXC_MESSAGE_LIMIT = 1000
 # Asks the supervisor how many workers a redelivered message has killed: (deaths, reason).
 Ask = Callable[[int], Awaitable[tuple[int, str]]]
+
+
+def deliver_frame(raw: DeliveredMessage) -> spec.Basic.Deliver:
+    """A consumed message's Basic.Deliver frame (aiormq types it as a union with get/return)."""
+    return cast(spec.Basic.Deliver, raw.delivery)
+
+
+def tag_of(raw: DeliveredMessage) -> int:
+    return cast(int, raw.delivery.delivery_tag)  # type: ignore[union-attr]
 
 
 def message_key(raw: DeliveredMessage) -> int:
@@ -91,7 +102,7 @@ class Dispatcher:
                        attempt: int) -> tuple[BaseException | None, float]:
         """Run the handler once: (the exception it raised or None, seconds; -1 if not run)."""
         try:
-            if raw.delivery.redelivered:
+            if deliver_frame(raw).redelivered:
                 failure = charge(*await self.ask(message_key(raw)), self.policy)
                 if failure is not None:
                     return failure, -1.0
@@ -132,19 +143,18 @@ class Dispatcher:
             self.board.settle(outcome.action, outcome.reason, duration, first_attempt)
         try:
             if outcome is None:
-                await channel.basic_nack(raw.delivery.delivery_tag, requeue=requeue)
+                await channel.basic_nack(tag_of(raw), requeue=requeue)
             else:
-                await channel.basic_ack(raw.delivery.delivery_tag)
-        except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError,
-                ConnectionError):
+                await channel.basic_ack(tag_of(raw))
+        except BROKER_ERRORS:
             return False
         return True
 
     async def _republish(self, raw: DeliveredMessage, outcome: Outcome,
                          exc: BaseException | None, attempt: int) -> None:
-        headers = dict(raw.header.properties.headers or {})
-        headers.setdefault(t.H_ROUTING_KEY, raw.delivery.routing_key or "")
-        headers.setdefault(t.H_EXCHANGE, raw.delivery.exchange or "")
+        headers: FieldTable = dict(raw.header.properties.headers or {})
+        headers.setdefault(t.H_ROUTING_KEY, deliver_frame(raw).routing_key or "")
+        headers.setdefault(t.H_EXCHANGE, deliver_frame(raw).exchange or "")
         if isinstance(exc, WorkerDied):
             headers[t.H_DEATHS] = exc.deaths
         if outcome.action is Action.RETRY:
@@ -158,7 +168,7 @@ class Dispatcher:
             t.H_ATTEMPT: attempt,
             t.H_REASON: outcome.reason,
             t.H_QUEUE: self.settings.queue,
-            t.H_FAILED_AT: datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            t.H_FAILED_AT: datetime.datetime.now(datetime.UTC).isoformat(),
             t.H_WORKER: self.slot,
         })
         if exc is not None:

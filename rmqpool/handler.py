@@ -93,8 +93,9 @@ def load(spec: str) -> Handler:
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
+    # An object with an async __call__ counts too.
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None))
+        type(fn).__call__)  # noqa: B004 - the type's __call__, not callable()
 
 
 def _wants_message(fn: Callable[..., Any], spec: str) -> bool:

@@ -11,11 +11,12 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 logger = logging.getLogger("rmqpool")
 
 # The process's identity; set once after fork by set_identity().
-_identity = {"role": "supervisor", "slot": None}
+_identity: dict[str, Any] = {"role": "supervisor", "slot": None}
 
 
 def set_identity(role: str, slot: int | None = None) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any
+from typing import Any, cast
 
 from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
 
 from .exceptions import MalformedMessage
 from .topology import H_ATTEMPT, H_EXCHANGE, H_ROUTING_KEY
@@ -56,7 +57,7 @@ class Message:
     def __init__(self, raw: DeliveredMessage, attempt: int) -> None:
         props = raw.header.properties
         headers = dict(props.headers or {})
-        delivery = raw.delivery
+        delivery = cast(spec.Basic.Deliver, raw.delivery)
         self.body: bytes = raw.body
         self.headers: dict[str, Any] = headers
         # A retried copy comes back through the default exchange; show where it first came from.
@@ -74,7 +75,7 @@ class Message:
         self.app_id: str | None = props.app_id
         self.priority: int | None = props.priority
         self.expiration: str | None = props.expiration
-        self.delivery_tag: int = delivery.delivery_tag
+        self.delivery_tag: int = cast(int, delivery.delivery_tag)
 
     @property
     def properties(self) -> dict[str, Any]:

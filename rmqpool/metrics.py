@@ -8,6 +8,7 @@ restarts and no files pile up. Workers are labelled by slot, never by pid.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import selectors
@@ -17,8 +18,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import scoreboard as sb
@@ -139,7 +144,7 @@ class MetricsServer:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(PoolCollector(sup))  # type: ignore[arg-type]
+        self.registry.register(PoolCollector(sup))
         s = sup.settings
         family = socket.AF_INET6 if ":" in s.metrics_host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -161,14 +166,14 @@ class MetricsServer:
             except (BlockingIOError, InterruptedError):
                 return
             conn.setblocking(False)
-            self._clients[conn.fileno()] = (conn, b"", time.monotonic())
-            self.sup._selector.register(conn.fileno(), selectors.EVENT_READ,
-                                        lambda fd=conn.fileno(): self._read(fd))
+            fd = conn.fileno()
+            self._clients[fd] = (conn, b"", time.monotonic())
+            self.sup._selector.register(fd, selectors.EVENT_READ, functools.partial(self._read, fd))
             self._expire()
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for fd, (conn, _, since) in list(self._clients.items()):
+        for fd, (_conn, _, since) in list(self._clients.items()):
             if now - since > 5.0:
                 self._drop(fd)
 

@@ -7,12 +7,12 @@ in dispatch.py. Keeping the decision pure keeps it table-testable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .exceptions import MalformedMessage, Reject, Retry, TimeLimitExceeded, WorkerDied
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     ACK = "acked"
     RETRY = "retried"
     DEAD_LETTER = "dead_lettered"

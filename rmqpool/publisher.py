@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-import aiormq
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from pamqp.common import FieldTable
+
+from .broker_errors import BROKER_ERRORS
 
 
 class PublishFailed(Exception):
@@ -25,7 +27,7 @@ class Publisher:
         self._timeout = timeout
 
     async def republish(self, raw: DeliveredMessage, routing_key: str,
-                        headers: dict[str, object]) -> None:
+                        headers: FieldTable) -> None:
         """Publish `raw`'s body, byte-identical, with its properties and new headers."""
         src = raw.header.properties
         props = spec.Basic.Properties(
@@ -39,8 +41,7 @@ class Publisher:
             confirm = await channel.basic_publish(
                 raw.body, exchange="", routing_key=routing_key, properties=props,
                 mandatory=True, timeout=self._timeout)
-        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError, asyncio.TimeoutError) as exc:
+        except BROKER_ERRORS as exc:
             raise PublishFailed(f"publishing to {routing_key!r} failed: "
                                 f"{type(exc).__name__}: {exc}") from None
         if not isinstance(confirm, spec.Basic.Ack):

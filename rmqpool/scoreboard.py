@@ -92,7 +92,7 @@ class Scoreboard:
         self.ints[_SLOTS + 2 * index] = 0
         self.ints[IN_PROGRESS] -= 1
 
-    def beat(self, lag: float) -> None:
+    def set_lag(self, lag: float) -> None:
         self.floats[LOOP_LAG] = lag
 
     def set_depths(self, depths: list[int]) -> None:

@@ -59,7 +59,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefetch", int, 10, "unacked messages the broker sends each worker", "N"),
     Option("concurrency", int, 1,
            "handlers in flight per worker (threads for sync handlers)", "N"),
-    Option("exchange", str, "", "exchange to bind the queue to (empty: the default exchange)", "NAME"),
+    Option("exchange", str, "", "exchange to bind the queue to (empty: the default exchange)",
+           "NAME"),
     Option("exchange-type", str, "direct", "type of --exchange",
            choices=("direct", "topic", "fanout", "headers")),
     Option("routing-key", str, (),
@@ -81,7 +82,8 @@ OPTIONS: tuple[Option, ...] = (
            "hard limit per message in seconds (0: none)", "SECONDS"),
     Option("max-worker-deaths", int, 3,
            "dead-letter a message after it killed or hung this many workers", "N"),
-    Option("metrics-host", str, "0.0.0.0", "address /metrics, /healthz and /readyz bind to", "HOST"),
+    Option("metrics-host", str, "0.0.0.0", "address /metrics, /healthz and /readyz bind to",
+           "HOST"),
     Option("metrics-port", int, 9808, "port of /metrics, /healthz, /readyz (0: disabled)", "PORT"),
     Option("log-level", str, "info", "log level",
            choices=("debug", "info", "warning", "error")),
@@ -236,7 +238,8 @@ def _convert(opt: Option, raw: str, source: str) -> Any:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return opt.kind(raw)
     except ValueError:
-        kind = {int: "an integer", float: "a number"}.get(opt.kind, "a list of numbers")
+        names: dict[Any, str] = {int: "an integer", float: "a number"}
+        kind = names.get(opt.kind, "a list of numbers")
         raise SettingsError(f"{source} {raw!r} is not {kind}") from None
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import setproctitle
 
-from . import control, exitcodes, handler as handler_mod
+from . import control, exitcodes
+from . import handler as handler_mod
 from .process import WorkerProcess, describe_exit, spawn
 from .scoreboard import N_INT, READY
 from .settings import Settings

@@ -21,11 +21,12 @@ import setproctitle
 import uvloop
 
 from . import control, exitcodes, topology
+from .broker_errors import BROKER_ERRORS
 from .consumer import Consumer
 from .dispatch import Dispatcher
 from .handler import Handler
 from .publisher import Publisher
-from .scoreboard import RECONNECTS, READY, Scoreboard
+from .scoreboard import READY, RECONNECTS, Scoreboard
 from .settings import BROKER_CONSUMER_TIMEOUT, Settings
 
 log = logging.getLogger("rmqpool.worker")
@@ -154,7 +155,7 @@ class Worker:
                             f"the broker at {s.safe_url} refused to open the virtual host: it "
                             "does not exist or the user may not use it; fix the vhost in --url "
                             "or grant access (rabbitmqctl set_permissions)") from None
-            except (aiormq.exceptions.AMQPConnectionError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError) as exc:
                 log.warning("cannot reach the broker at %s (attempt %d: %s); retrying in %.1fs",
                             s.safe_url, attempt, exc or type(exc).__name__, delay)
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -171,7 +172,7 @@ class Worker:
                             ) -> aio_pika.abc.AbstractRobustChannel:
         """One channel consumes and publishes (confirms on, returns raise)."""
         s = self.settings
-        channel: Any = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await channel.set_qos(prefetch_count=s.prefetch)
         try:
@@ -244,8 +245,7 @@ class Worker:
                     ok = await raw.queue_declare(name, passive=True)
                     depths.append(ok.message_count or 0)
                 self.board.set_depths(depths)
-            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError) as exc:
+            except BROKER_ERRORS as exc:
                 log.debug("polling queue depths failed: %s", exc)
             await asyncio.sleep(DEPTH_INTERVAL)
 
@@ -276,7 +276,7 @@ class Worker:
             self.control.send(control.ASK, key=key)
         try:
             return await asyncio.wait_for(asyncio.shield(future), ASK_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._verdicts.pop(key, None)
             return 0, ""
 

@@ -55,7 +55,7 @@ def test_failures_retries_and_dead_letters(queue, record_file, tmp_path, queue_t
                                if tag == "done")
     # Always fails: exactly max_retries + 1 attempts, spaced at least by the delays.
     assert len(starts[always]) == 3
-    gaps = [b - a for a, b in zip(starts[always], starts[always][1:])]
+    gaps = [b - a for a, b in zip(starts[always], starts[always][1:], strict=False)]
     assert gaps[0] >= DELAYS[0] * 0.95 and gaps[1] >= DELAYS[1] * 0.95, gaps
     # Fails twice then succeeds on attempt 3; nothing of it in the DLQ.
     attempts = [a for mid, a, _, tag in read_records(record_file) if mid == twice]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import time
 
 import pytest
 
@@ -49,3 +50,22 @@ def test_queue_deleted_under_the_pool_is_declared_again(queue, record_file, tmp_
         wait_for(lambda: [r for r in read_records(record_file) if r[0] == mid], 10, "handled")
         pool.signal(signal.SIGTERM)
         assert pool.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_idle_workers_keep_beating_past_the_worker_timeout(queue, tmp_path):
+    with Pool("tests.support.handlers:record", "--queue", queue, "--workers", "2",
+              "--worker-timeout", "2", tmp_path=tmp_path) as pool:
+        pool.wait_ready()
+        pids = sorted(pool.worker_pids())
+        ready_at = time.monotonic()
+
+        def fresh_beats_after_three_timeouts():
+            ages = [w["last_beat_age"] for w in pool.health()["workers"]]
+            return (time.monotonic() - ready_at > 6 and len(ages) == 2 and max(ages) < 1.5
+                    and pool.metric("rmqpool_event_loop_lag_seconds", slot="0") < 1)
+        wait_for(fresh_beats_after_three_timeouts, 20, "three worker timeouts of fresh beats")
+        assert sorted(pool.worker_pids()) == pids
+        assert "event loop blocked" not in pool.log()
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(10) == 0

@@ -1,7 +1,6 @@
 import pytest
 
-from rmqpool.exceptions import (MalformedMessage, Reject, Retry, TimeLimitExceeded,
-                                WorkerDied)
+from rmqpool.exceptions import MalformedMessage, Reject, Retry, TimeLimitExceeded, WorkerDied
 from rmqpool.outcome import Action, Outcome, Policy, charge, decide
 
 P = Policy(max_retries=3, delays=(1.0, 10.0, 60.0), max_worker_deaths=3)
