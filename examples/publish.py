@@ -15,7 +15,11 @@ import aio_pika
 async def publish(url: str, queue: str, count: int, fail_every: int) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
-        channel = await connection.channel()  # publisher confirms are on by default
+        # Publisher confirms are on by default; an unroutable message raises instead of
+        # vanishing. Declare the queue as rmqpool does (durable, classic) so messages
+        # published before the pool first starts are kept.
+        channel = await connection.channel(on_return_raises=True)
+        await channel.declare_queue(queue, durable=True)
         for i in range(count):
             body = {"n": i}
             if fail_every and i % fail_every == 0:
