@@ -35,7 +35,6 @@ from benchmarks import handlers  # noqa: E402
 
 URL = os.environ.get("RMQPOOL_BENCH_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BODY = bytes(range(256)) * 2  # 512 bytes, the same for every message and every run
-RMQPOOL_DELAYS = (1.0, 10.0, 60.0)  # rmqpool's default retry tiers (queues to delete)
 MIN_UPTIME = 5.0  # rmqpool.supervisor.MIN_UPTIME: dying sooner counts as a quick death
 
 TARGETS = {
@@ -104,11 +103,13 @@ def unique_queue(tag: str) -> str:
 
 
 def all_queues(queue: str) -> list[str]:
-    """The queue and what rmqpool declares next to it (DLQ, retry tiers)."""
+    """The queue and what rmqpool declares next to it with default options (DLQ,
+    retry tiers)."""
     from rmqpool import topology
+    from rmqpool.settings import Settings
 
-    return [queue, topology.dlq_name(queue),
-            *(topology.retry_queue_name(queue, d) for d in RMQPOOL_DELAYS)]
+    names = [spec.name for spec in topology.all_queues(Settings(handler="x:y", queue=queue))]
+    return [queue, *(n for n in names if n != queue)]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -495,6 +496,7 @@ class ScrapeResult:
     body_bytes: int
     ready_seconds: float
     leaked: int
+    scrape_cpu_ms: float
 
 
 def health(port: int) -> dict[str, Any]:
@@ -572,6 +574,15 @@ async def scrape_after_restarts(broker: Broker, workers: int, restarts: int, tmp
         time.sleep(1.0)
         after, size = time_scrapes(port, 20)
         leaked = leaked_http_sockets(port, children(run.proc.pid))
+        # The supervisor's CPU per scrape: 200 back-to-back scrapes minus as long idle.
+        sup = run.proc.pid
+        c0, t0 = cpu_seconds(sup), time.monotonic()
+        for _ in range(200):
+            http_get(port, "/metrics")
+        c1, t1 = cpu_seconds(sup), time.monotonic()
+        time.sleep(t1 - t0)
+        c2 = cpu_seconds(sup)
+        scrape_cpu_ms = max(0.0, (c1 - c0) - (c2 - c1)) / 200 * 1000
         text = http_get(port, "/metrics")[1].decode()
         killed_counter = next((float(line.split()[-1]) for line in text.splitlines()
                                if line.startswith('rmqpool_worker_restarts_total{reason="killed"}')),
@@ -580,7 +591,7 @@ async def scrape_after_restarts(broker: Broker, workers: int, restarts: int, tmp
         stop(run)
         await broker.delete(all_queues(queue))
     return ScrapeResult(kills, restart_seconds, killed_counter, before, after, size,
-                        ready_seconds, leaked)
+                        ready_seconds, leaked, scrape_cpu_ms)
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -733,6 +744,8 @@ async def main_async(args: argparse.Namespace) -> int:
               f"max {max(scrape.before_ms):.1f} ms (20 scrapes)")
         print(f"  after restarts:  median {med:.1f} ms, max {mx:.1f} ms (20 scrapes)   "
               f"target < {TARGETS['scrape_ms']:.0f} ms {verdict(mx < TARGETS['scrape_ms'])}")
+        print(f"  supervisor CPU per scrape: {scrape.scrape_cpu_ms:.2f} ms (200 back-to-back "
+              f"scrapes, idle baseline subtracted)")
         print(f"  worker fds still holding /metrics or /healthz connections the supervisor had "
               f"closed: {scrape.leaked}")
         if scrape.restarts < restarts:
