@@ -127,3 +127,24 @@ class Pool:
                 pass
         if hasattr(self, "_log"):
             self._log.close()
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of `pid` from /proc (R, S, Z, ...), or None if it no longer exists."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def is_gone(pid: int) -> bool:
+    """True once `pid` has exited (vanished, or a zombie nobody has reaped yet)."""
+    return proc_state(pid) in (None, "Z", "X")
+
+
+def proc_args(pid: int) -> str:
+    """The command line `ps` shows for `pid` (the process title), or "" if it is gone."""
+    out = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+    return out.stdout.strip()
