@@ -75,18 +75,24 @@ def test_sigterm_drains_in_flight_and_leaves_the_rest_in_the_queue(queue, record
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-def test_second_stop_signal_kills_workers_and_requeues(queue, record_file, tmp_path, second):
+@pytest.mark.parametrize("second, group", [(signal.SIGTERM, False), (signal.SIGINT, False),
+                                           (signal.SIGINT, True)],
+                         ids=["TERM", "INT", "ctrl-c-to-the-process-group"])
+def test_second_stop_signal_kills_workers_and_requeues(queue, record_file, tmp_path, second,
+                                                       group):
     amqp.declare(queue)
     ids = amqp.publish(queue, [{"sleep": 30, "n": i} for i in range(6)])
     with Pool(BEHAVE, "--queue", queue, "--workers", "2", "--prefetch", "3",
               "--graceful-timeout", "60", tmp_path=tmp_path, env=_env(record_file)) as pool:
         wait_for(lambda: len(_started(record_file)) >= 2, 20, "two handlers running")
-        pool.signal(signal.SIGTERM)
+        # Ctrl-C in a terminal signals the whole process group, workers included.
+        send = (lambda sig: os.killpg(pool.proc.pid, sig)) if group else pool.signal
+        send(signal.SIGINT if group else signal.SIGTERM)
         wait_for(lambda: pool.log().count("draining:") >= 2, 10, "both workers draining")
-        assert pool.proc.poll() is None, "exited on the first SIGTERM with handlers running"
+        assert pool.proc.poll() is None, "exited on the first signal with handlers running"
+        assert len(pool.worker_pids()) == 2, "a worker died on the first signal"
         t0 = time.monotonic()
-        pool.signal(second)
+        send(second)
         code = pool.wait(10)
         elapsed = time.monotonic() - t0
         log = pool.log()
