@@ -1,30 +1,30 @@
 """One delivery, start to finish: decode -> call the handler -> decide -> republish -> ack.
 
-Sync handlers run in the worker's handler threads so the event loop keeps the
-connection's heartbeats flowing; async handlers run on the loop. Every retry or
-dead-letter copy is confirmed by the broker before the original is acked.
+Sync handlers run in the worker's handler threads (run_sync) so the event loop
+keeps the connection's heartbeats flowing; async handlers run on the loop
+(run_async). Settling happens on the loop, in batches. Every retry or
+dead-letter copy is confirmed by the broker before the original is acked; a
+message's counters are written just before its ack.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import functools
 import logging
 import random
 import time
 import traceback
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.common import FieldTable
 
 from . import topology as t
-from .broker_errors import BROKER_ERRORS
-from .exceptions import Retry, TimeLimitExceeded, WorkerDied
+from .exceptions import MalformedMessage, Retry, TimeLimitExceeded, WorkerDied
 from .handler import Handler
 from .message import Message, attempt_of, decode_body
 from .outcome import Action, Outcome, Policy, charge, decide
@@ -32,12 +32,15 @@ from .publisher import Publisher, PublishFailed
 from .scoreboard import Scoreboard
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .consumer import Acker
+
 log = logging.getLogger("rmqpool.dispatch")
 
 TRACEBACK_LIMIT = 4000
 EXC_MESSAGE_LIMIT = 1000
 # Asks the supervisor how many workers a redelivered message has killed: (deaths, reason).
-Ask = Callable[[int], Awaitable[tuple[int, str]]]
+Ask = Callable[[int], Coroutine[Any, Any, tuple[int, str]]]
 
 
 def deliver_frame(raw: DeliveredMessage) -> spec.Basic.Deliver:
@@ -55,7 +58,20 @@ def message_key(raw: DeliveredMessage) -> int:
     return (hash(ident) & 0xFFFF_FFFF_FFFF_FFFF) or 1
 
 
+@dataclass(slots=True)
+class Attempt:
+    """One run of the handler on one delivery."""
+
+    raw: DeliveredMessage
+    number: int  # the attempt number, 1-based
+    exc: BaseException | None  # what the handler raised (or why it did not run)
+    duration: float  # seconds in the handler; -1 when it did not run
+
+
 class Dispatcher:
+    """Runs the handler on a delivery (run_sync in a handler thread, run_async on the loop)
+    and settles batches of attempts on the loop (settle)."""
+
     def __init__(self, handler: Handler, settings: Settings, slot: int, board: Scoreboard,
                  publisher: Publisher, ask: Ask, declare_tier: Callable[[float], Awaitable[str]]):
         self.handler = handler
@@ -68,87 +84,112 @@ class Dispatcher:
         self.policy = Policy(settings.max_retries, settings.retry_delays,
                              settings.max_worker_deaths)
         self.time_limit = settings.time_limit or None
-        self.executor = (None if handler.is_async else ThreadPoolExecutor(
-            settings.concurrency, thread_name_prefix="rmqpool-handler"))
+        self.republishing: set[asyncio.Task[None]] = set()
         self._debug = log.isEnabledFor(logging.DEBUG)
 
-    def shutdown(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-
-    async def run(self, raw: DeliveredMessage, index: int) -> None:
-        """Handle one delivery; settles it (ack, retry or dead-letter) or leaves it for
-        redelivery. Only CancelledError escapes."""
-        props = raw.header.properties
-        attempt = attempt_of(props.headers)
+    # -- running --------------------------------------------------------------------
+    def run_sync(self, raw: DeliveredMessage, index: int,
+                 loop: asyncio.AbstractEventLoop) -> Attempt:
+        """In a handler thread. The supervisor enforces --time-limit: threads can't be
+        interrupted, so it kills the worker."""
+        attempt = attempt_of(raw.header.properties.headers)
         self.board.start(index, message_key(raw))
         try:
-            exc, duration = await self._attempt(raw, props, attempt)
-            outcome = decide(exc, attempt, self.policy)
-            if outcome.action is not Action.ACK:
-                try:
-                    await self._republish(raw, outcome, exc, attempt)
-                except PublishFailed as failed:
-                    log.error("%s; the message goes back to the queue", failed,
-                              extra={"event": self._event(raw, "requeued", duration)})
-                    await self._settle(raw, requeue=True)
-                    return
-            if await self._settle(raw, outcome, duration, attempt == 1):
-                self._log_outcome(raw, outcome, exc, attempt, duration)
+            failure: BaseException | None = None
+            if deliver_frame(raw).redelivered:
+                verdict = asyncio.run_coroutine_threadsafe(self.ask(message_key(raw)), loop)
+                failure = charge(*verdict.result(), self.policy)
+            args = self._args(raw, attempt) if failure is None else failure
+            if isinstance(args, BaseException):
+                return Attempt(raw, attempt, args, -1.0)
+            started = time.monotonic()
+            try:
+                self.handler.fn(*args)
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+                # A failing handler is an outcome, not a crash; sys.exit() in it too.
+                return Attempt(raw, attempt, exc, time.monotonic() - started)
+            return Attempt(raw, attempt, None, time.monotonic() - started)
         finally:
             self.board.finish(index)
 
-    async def _attempt(self, raw: DeliveredMessage, props: Any,
-                       attempt: int) -> tuple[BaseException | None, float]:
-        """Run the handler once: (the exception it raised or None, seconds; -1 if not run)."""
+    async def run_async(self, raw: DeliveredMessage, index: int) -> Attempt:
+        """On the loop; cancelled at --time-limit."""
+        attempt = attempt_of(raw.header.properties.headers)
+        self.board.start(index, message_key(raw))
         try:
             if deliver_frame(raw).redelivered:
                 failure = charge(*await self.ask(message_key(raw)), self.policy)
                 if failure is not None:
-                    return failure, -1.0
-            body = decode_body(raw.body, props.content_type, props.content_encoding)
-        except Exception as exc:  # noqa: BLE001 - malformed body: the outcome decides
-            return exc, -1.0
-        args = (body, Message(raw, attempt)) if self.handler.wants_message else (body,)
-        started = time.monotonic()
-        # Sync handlers cannot be interrupted: the supervisor enforces their time limit.
-        limit = asyncio.timeout(self.time_limit if self.executor is None else None)
-        try:
-            if self.executor is not None:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self.executor, functools.partial(self.handler.fn, *args))
-            else:
+                    return Attempt(raw, attempt, failure, -1.0)
+            args = self._args(raw, attempt)
+            if isinstance(args, BaseException):
+                return Attempt(raw, attempt, args, -1.0)
+            started = time.monotonic()
+            limit = asyncio.timeout(self.time_limit)
+            try:
                 async with limit:
                     await self.handler.fn(*args)
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
-            # A failing handler is an outcome, not a crash; sys.exit() in a handler too.
-            if isinstance(exc, TimeoutError) and limit.expired():
-                log.error("handler ran past --time-limit %gs; cancelled", self.time_limit,
-                          extra={"event": self._event(raw, "time_limit", self.time_limit or 0)})
-                exc = TimeLimitExceeded(f"handler ran past --time-limit {self.time_limit:g}s")
-            return exc, time.monotonic() - started
-        return None, time.monotonic() - started
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+                if isinstance(exc, TimeoutError) and limit.expired():
+                    log.error("handler ran past --time-limit %gs; cancelled", self.time_limit,
+                              extra={"event": self._event(raw, "time_limit", -1.0)})
+                    exc = TimeLimitExceeded(f"handler ran past --time-limit {self.time_limit:g}s")
+                return Attempt(raw, attempt, exc, time.monotonic() - started)
+            return Attempt(raw, attempt, None, time.monotonic() - started)
+        finally:
+            self.board.finish(index)
 
-    async def _settle(self, raw: DeliveredMessage, outcome: Outcome | None = None,
-                      duration: float = -1.0, first_attempt: bool = False,
-                      requeue: bool = False) -> bool:
-        """Count the outcome, then ack (or nack); False when the channel is gone."""
-        channel = raw.channel
-        if channel.is_closed:
-            # The broker has requeued it already: the redelivery will be counted.
-            log.info("connection lost before the ack; the broker will redeliver the message",
-                     extra={"event": self._event(raw, "redelivered", duration)})
-            return False
-        if outcome is not None:
-            self.board.settle(outcome.action, outcome.reason, duration, first_attempt)
+    def _args(self, raw: DeliveredMessage, attempt: int) -> tuple[Any, ...] | MalformedMessage:
+        props = raw.header.properties
         try:
-            if outcome is None:
-                await channel.basic_nack(tag_of(raw), requeue=requeue)
+            body = decode_body(raw.body, props.content_type, props.content_encoding)
+        except MalformedMessage as exc:
+            return exc
+        return (body, Message(raw, attempt)) if self.handler.wants_message else (body,)
+
+    # -- settling (on the loop) ---------------------------------------------------------
+    async def settle(self, batch: list[Attempt], acker: Acker) -> None:
+        """Acks are counted and sent together (one frame for a run of deliveries); a retry
+        or dead-letter copy is published, confirmed, and only then its original acked."""
+        acks = []
+        for attempt in batch:
+            outcome = decide(attempt.exc, attempt.number, self.policy)
+            if outcome.action is Action.ACK:
+                if attempt.raw.channel.is_closed:
+                    self._lost(attempt)
+                    continue
+                self.board.settle(Action.ACK, "", attempt.duration, attempt.number == 1)
+                acks.append(attempt.raw)
+                if self._debug:
+                    log.debug("acked", extra={"event": self._event(
+                        attempt.raw, "acked", attempt.duration)})
             else:
-                await channel.basic_ack(tag_of(raw))
-        except BROKER_ERRORS:
-            return False
-        return True
+                task = asyncio.create_task(self._settle_failure(attempt, outcome, acker))
+                self.republishing.add(task)
+                task.add_done_callback(self.republishing.discard)
+        if acks:
+            await acker.ack(acks)
+
+    async def _settle_failure(self, attempt: Attempt, outcome: Outcome, acker: Acker) -> None:
+        raw = attempt.raw
+        try:
+            await self._republish(raw, outcome, attempt.exc, attempt.number)
+        except PublishFailed as failed:
+            log.error("%s; the message goes back to the queue", failed,
+                      extra={"event": self._event(raw, "requeued", attempt.duration)})
+            await acker.nack(raw)
+            return
+        if raw.channel.is_closed:
+            self._lost(attempt)  # the copy is out: the redelivery will be a duplicate
+            return
+        self.board.settle(outcome.action, outcome.reason, attempt.duration, attempt.number == 1)
+        await acker.ack([raw])
+        self._log_outcome(raw, outcome, attempt.exc, attempt.number, attempt.duration)
+
+    def _lost(self, attempt: Attempt) -> None:
+        # The broker has requeued it already: the redelivery will be counted.
+        log.info("connection lost before the ack; the broker will redeliver the message",
+                 extra={"event": self._event(attempt.raw, "redelivered", attempt.duration)})
 
     async def _republish(self, raw: DeliveredMessage, outcome: Outcome,
                          exc: BaseException | None, attempt: int) -> None:

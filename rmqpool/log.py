@@ -72,7 +72,10 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aio-pika logs every reconnect attempt at WARNING with a traceback; we log our own.
-    logging.getLogger("aio_pika").setLevel(max(root.level, logging.ERROR))
-    logging.getLogger("aiormq").setLevel(max(root.level, logging.ERROR))
+    # aio-pika and aiormq log every failed reconnect attempt and closed-channel callback
+    # (some at ERROR) next to rmqpool's own line about the same event; show them only
+    # when debugging.
+    library_level = logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
+    logging.getLogger("aio_pika").setLevel(library_level)
+    logging.getLogger("aiormq").setLevel(library_level)
     os.environ.setdefault("SPT_NOENV", "1")  # setproctitle must not clobber environ

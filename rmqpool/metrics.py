@@ -159,6 +159,9 @@ class MetricsServer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def client_fds(self) -> list[int]:
+        return list(self._clients)
+
     def handle(self) -> None:
         while True:
             try:

@@ -23,6 +23,10 @@ from .handler import Handler
 from .scoreboard import Scoreboard
 from .settings import Settings
 
+# Imported (not run) in the supervisor so forked workers share these pages and
+# start faster; importing creates no loop, thread or connection.
+from .worker import worker_main
+
 log = logging.getLogger("rmqpool.supervisor")
 
 PR_SET_PDEATHSIG = 1
@@ -81,8 +85,6 @@ def spawn(settings: Settings, slot: int, generation: int, handler: Handler,
         code = exitcodes.INTERNAL
         try:
             _become_worker(slot, close_in_child, parent_end.fileno(), supervisor_pid)
-            from .worker import worker_main  # imported here: nothing of it runs in the supervisor
-
             code = worker_main(settings, slot, handler, child_end, board, supervisor_pid)
         except BaseException:  # noqa: BLE001 - last resort: say why, then exit
             log.exception("worker crashed")

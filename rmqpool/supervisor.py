@@ -76,6 +76,7 @@ class Supervisor:
         log.info("rmqpool %s starting %d worker(s) for %s on queue %r at %s",
                  _version(), self.desired, self.handler.spec, self.settings.queue,
                  self.settings.safe_url)
+        self._reconcile()  # start the workers now, not after the first wait
         while self.state == RUNNING or self.workers:
             self._wait(LOOP_INTERVAL)
             self.last_loop = time.monotonic()
@@ -143,6 +144,9 @@ class Supervisor:
             log.error("reload failed, keeping the running workers: %s", exc)
             return
         self.generation += 1
+        for stale in self.replacing.values():  # started for the previous reload: old code
+            stale.drain()
+        self.replacing.clear()
         self.reload_queue = deque(sorted(self.active))
         log.info("SIGHUP: reloaded %s (%d module(s)); rolling restart of %d worker(s)",
                  self.handler.spec, len(forgotten), len(self.reload_queue))
@@ -324,6 +328,8 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> WorkerProcess:
         close = [*self._extra_fds, *(w.end.fileno() for w in self.workers.values())]
+        if self._http is not None:  # an open HTTP request must not live on in the worker
+            close += self._http.client_fds()
         worker = spawn(self.settings, slot, self.generation, self.handler, close)
         worker.generation = self.generation
         self.workers[worker.pid] = worker

@@ -50,8 +50,10 @@ def worker_main(settings: Settings, slot: int, handler: Handler, sock: Any,
     """Entry point in the forked child. Returns the process's exit code."""
     setproctitle.setproctitle(f"rmqpool: worker {slot} [{handler.spec} on {settings.queue}]")
     worker = Worker(settings, slot, handler, sock, board, supervisor_pid)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(worker.run())
+    # Not closed: closing a Runner cancels and joins every task, and a connection
+    # handshake may ignore the cancel. The caller exits the process right after.
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return runner.run(worker.run())
 
 
 class Worker:
@@ -77,7 +79,6 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, self.settings.graceful_timeout)
         await self.control.open()
         side = [asyncio.create_task(self._beat()), asyncio.create_task(self._commands())]
-        dispatcher: Dispatcher | None = None
         try:
             connection = await self._connect()
             if connection is None:
@@ -96,6 +97,7 @@ class Worker:
                 return exitcodes.INTERNAL  # not asked to stop: the supervisor restarts us
             return exitcodes.OK if drained else exitcodes.FORCED
         except Fatal as fatal:
+            self._stop.set()  # so closing is not mistaken for a lost connection
             log.error("%s", fatal)
             self.control.send(control.FATAL, code=fatal.code, why=str(fatal))
             await self._close()
@@ -103,8 +105,6 @@ class Worker:
         finally:
             for task in side:
                 task.cancel()
-            if dispatcher is not None:
-                dispatcher.shutdown()
 
     def request_stop(self, deadline: float) -> None:
         if self.drain_deadline is None or deadline < self.drain_deadline:
@@ -123,9 +123,10 @@ class Worker:
                  self.settings.prefetch, self.settings.concurrency)
 
     def _not_ready(self, _sender: Any = None, exc: BaseException | None = None) -> None:
+        was_ready = bool(self.board.ints[READY])
         self.board.ints[READY] = 0
-        if self._stop.is_set():
-            return
+        if self._stop.is_set() or not was_ready:
+            return  # log the loss once, not on every failed reconnect attempt
         why = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
         self.control.send(control.NOTREADY, why=why)
         log.warning("connection to %s lost (%s); reconnecting", self.settings.safe_url, why)
@@ -139,11 +140,20 @@ class Worker:
         attempt = 0
         while not self._stop.is_set():
             attempt += 1
+            connecting = asyncio.ensure_future(aio_pika.connect_robust(
+                s.url, heartbeat=s.heartbeat, reconnect_interval=1.0, timeout=10,
+                client_properties={"connection_name":
+                                   f"rmqpool worker {self.slot} pid {os.getpid()}"}))
+            stopping = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not connecting.done():
+                # Asked to stop mid-handshake. aio-pika may not honour the cancel; the
+                # process exits without waiting for it (worker_main never joins tasks).
+                connecting.cancel()
+                return None
             try:
-                connection = await aio_pika.connect_robust(
-                    s.url, heartbeat=s.heartbeat, reconnect_interval=1.0, timeout=10,
-                    client_properties={"connection_name":
-                                       f"rmqpool worker {self.slot} pid {os.getpid()}"})
+                connection = connecting.result()
             except aiormq.exceptions.ProbableAuthenticationError as exc:
                 raise Fatal(exitcodes.BROKER_REFUSED,
                             f"the broker at {s.safe_url} refused the credentials ({exc.args[0]}); "
@@ -157,7 +167,7 @@ class Worker:
                             "or grant access (rabbitmqctl set_permissions)") from None
             except (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError) as exc:
                 log.warning("cannot reach the broker at %s (attempt %d: %s); retrying in %.1fs",
-                            s.safe_url, attempt, exc or type(exc).__name__, delay)
+                            s.safe_url, attempt, str(exc) or type(exc).__name__, delay)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 15.0)

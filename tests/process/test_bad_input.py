@@ -219,9 +219,6 @@ def test_unreachable_broker_is_retried_with_backoff_until_stopped(queue, tmp_pat
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(reason="BUG: a worker exiting on a fatal error closes its own connection "
-                   "without setting _stop, so _not_ready() logs 'connection ... lost; "
-                   "reconnecting' (worker.py run(): except Fatal -> _close())", strict=True)
 def test_fatal_topology_error_does_not_claim_to_reconnect(queue, tmp_path):
     amqp.declare(queue, arguments={"x-max-length": 5})
     with Pool(HANDLER, "--queue", queue, "--workers", "1", tmp_path=tmp_path,
@@ -250,9 +247,6 @@ def silent_listener():
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(reason="BUG: SIGTERM does not interrupt a connection attempt in progress: "
-                   "worker.py _connect() awaits connect_robust(timeout=10) without racing "
-                   "self._stop, so the pool exits only when the attempt times out", strict=True)
 def test_sigterm_while_the_broker_handshake_hangs_exits_promptly(queue, tmp_path,
                                                                  silent_listener):
     srv, accepted = silent_listener
@@ -272,9 +266,6 @@ def test_sigterm_while_the_broker_handshake_hangs_exits_promptly(queue, tmp_path
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(reason="BUG: a connection attempt that times out is logged with an empty "
-                   "reason ('attempt 1: ); ...'): worker.py _connect() formats "
-                   "`exc or type(exc).__name__`, and an exception is always truthy", strict=True)
 def test_connect_timeout_is_logged_with_a_reason(queue, tmp_path, silent_listener):
     srv, accepted = silent_listener
     port = srv.getsockname()[1]

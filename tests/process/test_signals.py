@@ -295,9 +295,6 @@ def test_sighup_with_broken_code_keeps_old_workers(queue, record_file, tmp_path)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(reason="BUG: a SIGHUP during a rolling restart leaves a slot on the code of "
-                   "the previous reload: _continue_reload() swaps in replacing[slot] without "
-                   "checking its generation (supervisor.py _on_hup/_continue_reload)", strict=True)
 def test_second_sighup_during_a_rolling_restart_ends_on_the_latest_code(queue, record_file,
                                                                          tmp_path):
     _reloadable(tmp_path, "v1")
