@@ -146,8 +146,16 @@ class Consumer:
         assert isinstance(inbox, queue.SimpleQueue)
         try:
             while (raw := inbox.get()) is not None:
-                if not raw.channel.is_closed:
-                    self._push(run(raw, index, loop))
+                if raw.channel.is_closed:
+                    continue
+                attempt = run(raw, index, loop)
+                if attempt.exc is None:
+                    self._push(attempt)  # acks are settled in bursts, behind our back
+                else:
+                    settled = threading.Event()
+                    attempt.settled = settled.set
+                    self._push(attempt)
+                    settled.wait()
         except BaseException:  # noqa: BLE001 - a bug: its message would stay unacked
             _internal_error()
         finally:
@@ -158,8 +166,16 @@ class Consumer:
         assert isinstance(inbox, asyncio.Queue)
         try:
             while (raw := await inbox.get()) is not None:
-                if not raw.channel.is_closed:
-                    self._push(await run(raw, index))
+                if raw.channel.is_closed:
+                    continue
+                attempt = await run(raw, index)
+                if attempt.exc is None:
+                    self._push(attempt)
+                else:
+                    settled = asyncio.Event()
+                    attempt.settled = settled.set
+                    self._push(attempt)
+                    await settled.wait()
         except Exception:  # noqa: BLE001 - a bug: its message would stay unacked
             _internal_error()
 

@@ -23,6 +23,7 @@ import socket
 from typing import Any
 
 BEAT, READY, NOTREADY, FATAL, ASK = "beat", "ready", "notready", "fatal", "ask"
+BEAT_INTERVAL = 1.0  # seconds between a worker's beats
 DRAIN, VERDICT = "drain", "verdict"
 
 

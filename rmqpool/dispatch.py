@@ -66,6 +66,9 @@ class Attempt:
     number: int  # the attempt number, 1-based
     exc: BaseException | None  # what the handler raised (or why it did not run)
     duration: float  # seconds in the handler; -1 when it did not run
+    # Called once a failed attempt is settled: its executor waits for that before the
+    # next message, so a worker that dies soon after never leaves two copies in flight.
+    settled: Callable[[], None] | None = None
 
 
 class Dispatcher:
@@ -167,6 +170,8 @@ class Dispatcher:
                 task = asyncio.create_task(self._settle_failure(attempt, outcome, acker))
                 self.republishing.add(task)
                 task.add_done_callback(self.republishing.discard)
+                if attempt.settled is not None:
+                    task.add_done_callback(_call(attempt.settled))
         if acks:
             await acker.ack(acks)
 
@@ -240,3 +245,7 @@ class Dispatcher:
             event["reason"] = outcome.reason
             log.error("dead-lettered to %s (%s): %s", t.dlq_name(self.settings.queue),
                       outcome.reason, what, extra={"event": event})
+
+
+def _call(fn: Callable[[], None]) -> Callable[[asyncio.Task[None]], None]:
+    return lambda _task: fn()

@@ -26,8 +26,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from . import control, topology
 from . import scoreboard as sb
-from . import topology
 from .outcome import REASONS
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rmqpool.metrics")
 
 RESTART_REASONS = ("crash", "killed", "heartbeat", "time_limit", "reload")
+DEPTH_STALE = 15.0  # queue depths older than this (3 polls) are not exported
 WORKER_STATES = ("desired", "running", "ready")
 
 
@@ -108,15 +109,17 @@ class PoolCollector:
         lag = GaugeMetricFamily("rmqpool_event_loop_lag_seconds",
                                 "How late each worker's event loop ran its last heartbeat",
                                 labels=["slot"])
+        now = time.monotonic()
         for slot, worker in sorted(sup.active.items()):
-            lag.add_metric([str(slot)], worker.board.floats[sb.LOOP_LAG])
+            lag.add_metric([str(slot)], round(worker.loop_lag(now, control.BEAT_INTERVAL), 4))
         yield lag
         depth = GaugeMetricFamily("rmqpool_queue_messages",
                                   "Ready messages in the work queue, its retry queues and its "
-                                  "DLQ (polled by the workers every 5 s)", labels=["queue"])
+                                  "DLQ (polled by the workers every 5 s; absent while no "
+                                  "worker could poll for 15 s)", labels=["queue"])
         polls = [w.board.depths() for w in live]
         at, depths = max(polls, default=(0.0, []), key=lambda p: p[0])
-        if at:
+        if at and now - at < DEPTH_STALE:  # no worker could poll lately: unknown, not 0
             for spec, value in zip(topology.all_queues(sup.settings), depths, strict=True):
                 depth.add_metric([spec.name], value)
         yield depth

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from . import control, exitcodes, topology
 from . import log as rlog
 from .handler import Handler
-from .scoreboard import Scoreboard
+from .scoreboard import LOOP_LAG, Scoreboard
 from .settings import Settings
 
 # Imported (not run) in the supervisor so forked workers share these pages and
@@ -45,6 +45,7 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         self.last_beat = self.started_at
         self.ready = False
+        self.was_ready = False  # consumed at least once: not ready now means reconnecting
         self.draining_since: float | None = None
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.fatal: tuple[int, str] | None = None
@@ -56,7 +57,15 @@ class WorkerProcess:
     def state(self) -> str:
         if self.draining_since is not None:
             return "draining"
-        return "ready" if self.ready else "starting"
+        if self.ready:
+            return "ready"
+        return "reconnecting" if self.was_ready else "starting"
+
+    def loop_lag(self, now: float, beat_interval: float) -> float:
+        """How late its event loop is: what it last reported, or, while it is blocked
+        and silent, how overdue its next beat is (so a blocked loop shows *now*)."""
+        reported = float(self.board.floats[LOOP_LAG])
+        return max(reported, now - self.last_beat - beat_interval)
 
     def drain(self) -> None:
         if self.draining_since is None:

@@ -207,7 +207,8 @@ class Supervisor:
         if self.replacing.get(slot) is worker:
             del self.replacing[slot]
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        how = describe_exit(status)
+        how = (f"killed by the supervisor ({worker.kill_reason})" if worker.kill_reason
+               else describe_exit(status))
         expected = worker.draining_since is not None and worker.kill_reason is None
         if worker.fatal is not None or code in exitcodes.FATAL_WORKER_EXITS:
             fatal_code = worker.fatal[0] if worker.fatal else code
@@ -355,7 +356,7 @@ class Supervisor:
     def _on_ready(self, worker: WorkerProcess, _msg: dict[str, Any]) -> None:
         worker.last_beat = time.monotonic()
         if worker.draining_since is None:
-            worker.ready = True
+            worker.ready = worker.was_ready = True
 
     def _on_notready(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         worker.ready = False

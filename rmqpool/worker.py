@@ -31,7 +31,6 @@ from .settings import BROKER_CONSUMER_TIMEOUT, Settings
 
 log = logging.getLogger("rmqpool.worker")
 
-BEAT_INTERVAL = 1.0
 DEPTH_INTERVAL = 5.0  # seconds between polls of the queues' depths (for metrics)
 ORPHAN_DEADLINE = 3.0  # seconds an orphaned worker gives in-flight handlers
 ASK_TIMEOUT = 5.0
@@ -236,8 +235,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             before = loop.time()
-            await asyncio.sleep(BEAT_INTERVAL)
-            lag = max(0.0, loop.time() - before - BEAT_INTERVAL)
+            await asyncio.sleep(control.BEAT_INTERVAL)
+            lag = max(0.0, loop.time() - before - control.BEAT_INTERVAL)
             self.board.set_lag(lag)
             self.control.send(control.BEAT, lag=round(lag, 4))
             if os.getppid() != self.supervisor_pid:

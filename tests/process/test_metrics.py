@@ -11,7 +11,7 @@ import pytest
 
 from rmqpool import topology as t
 from tests.support import amqp
-from tests.support.handlers import read_times
+from tests.support.handlers import read_records, read_times
 from tests.support.pool import Pool, wait_for
 
 
@@ -125,3 +125,20 @@ def test_metrics_port_zero_disables_the_endpoint(queue, tmp_path):
         assert "serving /metrics" not in pool.log()
         pool.signal(signal.SIGTERM)
         assert pool.wait(10) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_blocked_loop_shows_in_the_lag_gauge_while_it_is_blocked(queue, record_file, tmp_path):
+    with Pool("tests.support.handlers:block_loop", "--queue", queue, "--workers", "1",
+              "--worker-timeout", "20", tmp_path=tmp_path,
+              env={"RECORD_FILE": str(record_file)}) as pool:
+        pool.wait_ready()
+        [mid] = amqp.publish(queue, [{"block": 6}])
+        wait_for(lambda: any(r[0] == mid for r in read_records(record_file)), 10, "blocking")
+        lag = wait_for(lambda: pool.metric("rmqpool_event_loop_lag_seconds", slot="0") >= 2,
+                       6, "the lag gauge to grow during the block")
+        assert lag
+        assert not any(r[0] == mid and r[3] == "done" for r in read_records(record_file)), \
+            "the gauge must show the block while it lasts, not after"
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(20) == 0
