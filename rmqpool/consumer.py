@@ -50,7 +50,9 @@ class Acker:
             self._channel, self._outstanding = raw.channel, {}
         self._outstanding[tag_of(raw)] = None
 
-    async def ack(self, raws: list[DeliveredMessage]) -> None:
+    async def ack(self, raws: list[DeliveredMessage], wait: bool = False) -> None:
+        """wait=True: return once the frame is written to the socket (before a worker
+        might die running the next message)."""
         channel = self._channel
         tags = sorted(tag_of(raw) for raw in raws if raw.channel is channel)
         if channel is None or not tags or channel.is_closed:
@@ -61,10 +63,10 @@ class Acker:
             del self._outstanding[tag]
         try:
             if contiguous:
-                await channel.basic_ack(tags[-1], multiple=len(tags) > 1, wait=False)
+                await channel.basic_ack(tags[-1], multiple=len(tags) > 1, wait=wait)
             else:
                 for tag in tags:
-                    await channel.basic_ack(tag, wait=False)
+                    await channel.basic_ack(tag, wait=wait)
         except BROKER_ERRORS:
             pass  # the channel closed under us: the broker requeues, the redelivery counts
 

@@ -24,6 +24,7 @@ from pamqp import commands as spec
 from pamqp.common import FieldTable
 
 from . import topology as t
+from .broker_errors import BROKER_ERRORS
 from .exceptions import MalformedMessage, Retry, TimeLimitExceeded, WorkerDied
 from .handler import Handler
 from .message import Message, attempt_of, decode_body
@@ -76,7 +77,8 @@ class Dispatcher:
     and settles batches of attempts on the loop (settle)."""
 
     def __init__(self, handler: Handler, settings: Settings, slot: int, board: Scoreboard,
-                 publisher: Publisher, ask: Ask, declare_tier: Callable[[float], Awaitable[str]]):
+                 publisher: Publisher, ask: Ask, declare_tier: Callable[[float], Awaitable[str]],
+                 redeclare: Callable[[], Awaitable[None]]):
         self.handler = handler
         self.settings = settings
         self.slot = slot
@@ -84,6 +86,7 @@ class Dispatcher:
         self.publisher = publisher
         self.ask = ask
         self.declare_tier = declare_tier
+        self.redeclare = redeclare
         self.policy = Policy(settings.max_retries, settings.retry_delays,
                              settings.max_worker_deaths)
         self.time_limit = settings.time_limit or None
@@ -96,7 +99,7 @@ class Dispatcher:
         """In a handler thread. The supervisor enforces --time-limit: threads can't be
         interrupted, so it kills the worker."""
         attempt = attempt_of(raw.header.properties.headers)
-        self.board.start(index, message_key(raw))
+        self.board.start(index, message_key(raw), raw.header.properties.message_id)
         try:
             failure: BaseException | None = None
             if deliver_frame(raw).redelivered:
@@ -118,7 +121,7 @@ class Dispatcher:
     async def run_async(self, raw: DeliveredMessage, index: int) -> Attempt:
         """On the loop; cancelled at --time-limit."""
         attempt = attempt_of(raw.header.properties.headers)
-        self.board.start(index, message_key(raw))
+        self.board.start(index, message_key(raw), raw.header.properties.message_id)
         try:
             if deliver_frame(raw).redelivered:
                 failure = charge(*await self.ask(message_key(raw)), self.policy)
@@ -180,15 +183,22 @@ class Dispatcher:
         try:
             await self._republish(raw, outcome, attempt.exc, attempt.number)
         except PublishFailed as failed:
-            log.error("%s; the message goes back to the queue", failed,
+            log.error("%s; the message goes back to the queue in 1s", failed,
                       extra={"event": self._event(raw, "requeued", attempt.duration)})
+            # Not at once: a deleted retry queue or DLQ would make a tight loop. Declare
+            # the topology again (someone may have deleted a queue), then requeue.
+            await asyncio.sleep(1.0)
+            try:
+                await self.redeclare()
+            except BROKER_ERRORS as exc:
+                log.warning("declaring the queues again failed: %s", exc)
             await acker.nack(raw)
             return
         if raw.channel.is_closed:
             self._lost(attempt)  # the copy is out: the redelivery will be a duplicate
             return
         self.board.settle(outcome.action, outcome.reason, attempt.duration, attempt.number == 1)
-        await acker.ack([raw])
+        await acker.ack([raw], wait=True)
         self._log_outcome(raw, outcome, attempt.exc, attempt.number, attempt.duration)
 
     def _lost(self, attempt: Attempt) -> None:

@@ -1,8 +1,9 @@
 """Exit codes are API: scripts, systemd and Kubernetes act on them.
 
-The supervisor exits with one of these. Workers use the same numbers to tell the
-supervisor why they stopped; a worker exit with a *fatal* code stops the pool,
-any other unexpected exit is a crash and the slot is restarted with backoff.
+The supervisor exits with one of these. A worker that reports a fatal error
+over the control channel (bad credentials, topology clash) exits with the same
+code and stops the pool with it; any other unexpected exit, whatever its code,
+is a crash and the slot is restarted with backoff.
 """
 
 OK = 0  # graceful shutdown: every in-flight message finished and acked
@@ -11,8 +12,6 @@ USAGE = 2  # bad option or handler spec; nothing was started
 BROKER_REFUSED = 3  # the broker refused the credentials or the virtual host
 TOPOLOGY = 4  # a queue/exchange exists with other arguments (406 PRECONDITION_FAILED)
 INTERNAL = 70  # a bug in rmqpool (EX_SOFTWARE)
-
-FATAL_WORKER_EXITS = frozenset({BROKER_REFUSED, TOPOLOGY})
 
 DESCRIPTIONS = {
     OK: "graceful shutdown",

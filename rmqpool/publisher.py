@@ -1,8 +1,8 @@
 """Publishing with publisher confirms: the copy is safe in the broker before we ack.
 
-Used for retry and dead-letter copies. Runs on the worker's loop, on a channel of
-its own so that a failed publish (say a missing queue) never closes the channel
-the worker consumes from.
+Used for retry and dead-letter copies. Runs on the worker's loop, on the channel
+the worker consumes from: returns raise (mandatory, on_return_raises) and nacks
+are reported, neither closes the channel.
 """
 
 from __future__ import annotations

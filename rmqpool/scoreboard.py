@@ -43,6 +43,7 @@ DEPTHS_AT = N_INT + 2  # time.monotonic() of the last queue-depth poll (0: never
 _SLOTS = N_INT + 3  # then per concurrency slot: key (int view), started (float view);
 # then one cell per polled queue: ready messages (int view)
 
+ID_BYTES = 64  # per concurrency slot: the running message's id, for log lines
 PROCESSED = {name: _PROCESSED + i for i, name in enumerate(OUTCOMES)}
 DEAD = {name: _DEAD + i for i, name in enumerate(REASONS)}
 
@@ -51,6 +52,7 @@ DEAD = {name: _DEAD + i for i, name in enumerate(REASONS)}
 class Running:
     key: int
     started: float  # time.monotonic()
+    message_id: str  # for log lines; truncated to ID_BYTES
 
 
 class Scoreboard:
@@ -60,7 +62,8 @@ class Scoreboard:
         self.concurrency = concurrency
         self.queues = queues
         self._depths = _SLOTS + 2 * concurrency
-        self._mm = mmap.mmap(-1, 8 * (self._depths + queues))
+        self._ids = 8 * (self._depths + queues)  # byte offset of the message-id slots
+        self._mm = mmap.mmap(-1, self._ids + ID_BYTES * concurrency)
         self.ints = memoryview(self._mm).cast("Q")
         self.floats = memoryview(self._mm).cast("d")
 
@@ -82,7 +85,9 @@ class Scoreboard:
             ints[DURATION_COUNT] += 1
             self.floats[DURATION_SUM] += duration
 
-    def start(self, index: int, key: int) -> None:
+    def start(self, index: int, key: int, message_id: str | None) -> None:
+        at = self._ids + ID_BYTES * index
+        self._mm[at:at + ID_BYTES] = (message_id or "").encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
         base = _SLOTS + 2 * index
         self.floats[base + 1] = time.monotonic()
         self.ints[base] = key or 1  # 0 marks a free slot
@@ -114,7 +119,9 @@ class Scoreboard:
             base = _SLOTS + 2 * i
             key = self.ints[base]
             if key:
-                out.append(Running(key, self.floats[base + 1]))
+                at = self._ids + ID_BYTES * i
+                mid = self._mm[at:at + ID_BYTES].rstrip(b"\0").decode(errors="replace")
+                out.append(Running(key, self.floats[base + 1], mid))
         return out
 
     def counters(self) -> list[int]:

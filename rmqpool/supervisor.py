@@ -25,7 +25,7 @@ import setproctitle
 from . import control, exitcodes
 from . import handler as handler_mod
 from .process import WorkerProcess, describe_exit, spawn
-from .scoreboard import N_INT, READY
+from .scoreboard import N_INT, READY, Running
 from .settings import Settings
 
 log = logging.getLogger("rmqpool.supervisor")
@@ -200,6 +200,8 @@ class Supervisor:
                 self._on_exit(worker, status)
 
     def _on_exit(self, worker: WorkerProcess, status: int) -> None:
+        while messages := worker.end.receive():  # a FATAL sent just before exiting
+            self._dispatch_control(worker, messages)
         self._retire(worker)
         slot = worker.slot
         if self.active.get(slot) is worker:
@@ -210,12 +212,10 @@ class Supervisor:
         how = (f"killed by the supervisor ({worker.kill_reason})" if worker.kill_reason
                else describe_exit(status))
         expected = worker.draining_since is not None and worker.kill_reason is None
-        if worker.fatal is not None or code in exitcodes.FATAL_WORKER_EXITS:
-            fatal_code = worker.fatal[0] if worker.fatal else code
-            assert fatal_code is not None
+        if worker.fatal is not None:  # said so itself; a bare exit code 3 is a crash
             if self.state == RUNNING:
-                log.error("%s cannot work (%s): stopping the pool", worker, how)
-            self.stop(fatal_code)
+                log.error("%s cannot work (%s): stopping the pool", worker, worker.fatal[1])
+            self.stop(worker.fatal[0])
             return
         if expected:
             log.info("%s exited after draining (%s)", worker, how)
@@ -245,20 +245,27 @@ class Supervisor:
             totals[i] += value
         self.retired_duration_sum[worker.slot] = (
             self.retired_duration_sum.get(worker.slot, 0.0) + worker.board.duration_sum())
-        crashed = worker.kill_reason in (None, "heartbeat", "time_limit") and not (
-            worker.draining_since is not None and worker.kill_reason is None)
-        if crashed:
-            for running in worker.board.running():
-                deaths, _ = self.charges.pop(running.key, (0, ""))
-                self.charges[running.key] = (deaths + 1, worker.kill_reason or "crash")
-            while len(self.charges) > MAX_CHARGES:
-                del self.charges[next(iter(self.charges))]
+        if worker.kill_reason is None and worker.draining_since is None:  # it crashed
+            self._charge(worker.board.running(), "crash")
         try:
             self._selector.unregister(worker.end.fileno())
         except KeyError:
             pass  # already unregistered at EOF
         worker.end.close()
         worker.board.close()
+
+    def _charge(self, culprits: list[Running], reason: str) -> None:
+        """Count a worker death against each message that caused it (poison tracking)."""
+        for running in culprits:
+            deaths, _ = self.charges.pop(running.key, (0, ""))
+            self.charges[running.key] = (deaths + 1, reason)
+        while len(self.charges) > MAX_CHARGES:
+            del self.charges[next(iter(self.charges))]
+
+    def _kill(self, worker: WorkerProcess, reason: str, culprits: list[Running]) -> None:
+        """Charge now, not at reap: the broker may redeliver before waitpid sees it."""
+        self._charge(culprits, reason)
+        worker.kill(reason)
 
     # -- health -----------------------------------------------------------------------------
     def _check_health(self) -> None:
@@ -277,19 +284,19 @@ class Supervisor:
                 continue
             silent = now - worker.last_beat
             if silent > s.worker_timeout:
+                running = worker.board.running()
                 log.error("%s event loop blocked: no heartbeat for %.1fs (--worker-timeout %gs); "
-                          "a handler is holding the loop or the GIL; killing it",
-                          worker, silent, s.worker_timeout)
-                worker.kill("heartbeat")
+                          "a handler is holding the loop or the GIL; killing it (running: %s)",
+                          worker, silent, s.worker_timeout, _ids(running))
+                self._kill(worker, "heartbeat", running)
                 continue
             if s.time_limit and not self.handler.is_async:
-                for running in worker.board.running():
-                    if now - running.started > s.time_limit:
-                        log.error("%s: a message has run %.1fs, past --time-limit %gs; killing "
-                                  "the worker (sync handlers cannot be interrupted)",
-                                  worker, now - running.started, s.time_limit)
-                        worker.kill("time_limit")
-                        break
+                overdue = [r for r in worker.board.running() if now - r.started > s.time_limit]
+                if overdue:
+                    log.error("%s: message %s has run %.1fs, past --time-limit %gs; killing the "
+                              "worker (sync handlers cannot be interrupted)", worker,
+                              _ids(overdue), now - overdue[0].started, s.time_limit)
+                    self._kill(worker, "time_limit", overdue)
 
     # -- reconciling ---------------------------------------------------------------------------
     def _reconcile(self) -> None:
@@ -345,6 +352,9 @@ class Supervisor:
         if messages is None:  # EOF: it is exiting; the reaper will say why
             self._selector.unregister(worker.end.fileno())
             return
+        self._dispatch_control(worker, messages)
+
+    def _dispatch_control(self, worker: WorkerProcess, messages: list[dict[str, Any]]) -> None:
         for msg in messages:
             handle = self._control_actions.get(msg.get("t", ""))
             if handle is not None:
@@ -391,6 +401,10 @@ class Supervisor:
         setproctitle.setproctitle(
             f"rmqpool: supervisor [{self.handler.spec} on {self.settings.queue}] "
             f"workers={self.desired}")
+
+
+def _ids(running: list[Running]) -> str:
+    return ", ".join(repr(r.message_id or "(no message id)") for r in running) or "nothing"
 
 
 def _version() -> str:

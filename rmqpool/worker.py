@@ -13,6 +13,8 @@ import contextlib
 import logging
 import os
 import signal
+import threading
+import time
 from typing import Any
 
 import aio_pika
@@ -32,7 +34,7 @@ from .settings import BROKER_CONSUMER_TIMEOUT, Settings
 log = logging.getLogger("rmqpool.worker")
 
 DEPTH_INTERVAL = 5.0  # seconds between polls of the queues' depths (for metrics)
-ORPHAN_DEADLINE = 3.0  # seconds an orphaned worker gives in-flight handlers
+ORPHAN_DEADLINE = 2.5  # seconds an orphaned worker gives in-flight handlers (4 s hard)
 ASK_TIMEOUT = 5.0
 
 
@@ -48,11 +50,25 @@ def worker_main(settings: Settings, slot: int, handler: Handler, sock: Any,
                 board: Scoreboard, supervisor_pid: int) -> int:
     """Entry point in the forked child. Returns the process's exit code."""
     setproctitle.setproctitle(f"rmqpool: worker {slot} [{handler.spec} on {settings.queue}]")
+    threading.Thread(target=_orphan_watchdog, args=(supervisor_pid,), daemon=True,
+                     name="rmqpool-orphan-watchdog").start()
     worker = Worker(settings, slot, handler, sock, board, supervisor_pid)
     # Not closed: closing a Runner cancels and joins every task, and a connection
     # handshake may ignore the cancel. The caller exits the process right after.
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     return runner.run(worker.run())
+
+
+def _orphan_watchdog(supervisor_pid: int) -> None:
+    """Off the loop, so a blocked loop cannot keep an orphan alive: once the supervisor
+    is gone, the loop gets ORPHAN_DEADLINE to drain; then this thread ends the process
+    (unacked messages return to the queue)."""
+    while os.getppid() == supervisor_pid:
+        time.sleep(0.25)
+    time.sleep(ORPHAN_DEADLINE + 1.5)
+    log.error("the supervisor is gone and the worker did not stop in time; exiting now")
+    logging.shutdown()
+    os._exit(exitcodes.FORCED)
 
 
 class Worker:
@@ -75,7 +91,7 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop, self.settings.graceful_timeout)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         await self.control.open()
         side = [asyncio.create_task(self._beat()), asyncio.create_task(self._commands())]
         try:
@@ -84,7 +100,8 @@ class Worker:
                 return exitcodes.OK  # asked to stop before the broker was reachable
             channel = await self._open_channel(connection)
             dispatcher = Dispatcher(self.handler, self.settings, self.slot, self.board,
-                                    Publisher(channel), self._ask, self._declare_tier)
+                                    Publisher(channel), self._ask, self._declare_tier,
+                                    self._redeclare)
             consumer = Consumer(channel, self.settings.queue, dispatcher,
                                 self.settings.concurrency, self._ready, self._consumer_lost)
             await consumer.start()
@@ -105,6 +122,12 @@ class Worker:
             for task in side:
                 task.cancel()
 
+    def _on_sigterm(self) -> None:
+        if os.getppid() != self.supervisor_pid:  # the parent-death signal
+            self._orphaned("the supervisor is gone (parent-death signal)")
+        else:
+            self.request_stop(self.settings.graceful_timeout)
+
     def request_stop(self, deadline: float) -> None:
         if self.drain_deadline is None or deadline < self.drain_deadline:
             self.drain_deadline = deadline
@@ -112,6 +135,8 @@ class Worker:
 
     def _consumer_lost(self, why: str) -> None:
         log.error("%s; restarting this worker", why)
+        self.board.ints[READY] = 0
+        self.control.send(control.NOTREADY, why=why)
         self._lost = True
         self.request_stop(self.settings.graceful_timeout)
 
@@ -212,6 +237,17 @@ class Worker:
         if s.exchange.startswith("amq."):
             return await channel.get_exchange(s.exchange, ensure=True)
         return await channel.declare_exchange(s.exchange, type=s.exchange_type, durable=True)
+
+    async def _redeclare(self) -> None:
+        """Declare the queues again (after a publish found one missing). On the raw
+        channel: the robust channel already remembers them for reconnects."""
+        assert self._channel is not None
+        raw = await self._channel.get_underlay_channel()
+        specs = topology.all_queues(self.settings)
+        specs += [topology.retry_queue(self.settings, d) for d in self._tiers
+                  if d not in topology.retry_delays(self.settings)]
+        for spec in specs:
+            await raw.queue_declare(spec.name, durable=True, arguments=spec.arguments)
 
     async def _declare_tier(self, delay: float) -> str:
         """The retry queue for `delay` seconds; declared on first use (Retry(delay=...))."""

@@ -8,6 +8,14 @@ import pytest
 from tests.support import amqp
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _delete_what_the_session_left() -> Iterator[None]:
+    yield
+    leftovers = amqp.leftover_queues()
+    if leftovers:
+        amqp.delete(leftovers)
+
+
 @pytest.fixture
 def queue() -> Iterator[str]:
     """A unique work queue name; the queue, its retry tiers and its DLQ are deleted after."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import time
 
 import pytest
 
@@ -180,3 +181,37 @@ def test_retry_jitter_spreads_delays_over_broker_queues(queue, record_file, tmp_
     tiers = [t.retry_queue_name(queue, d) for d in t.jittered(0.8, 0.5)]
     assert len(tiers) == 4 and all(amqp.count(q) == 0 for q in tiers)
     amqp.delete(tiers)
+
+
+@pytest.mark.timeout(60)
+def test_a_time_limit_kill_charges_only_the_overdue_message(queue, record_file, tmp_path):
+    with run_pool(queue, record_file, tmp_path, "--time-limit", "3", "--concurrency", "2",
+                  "--max-retries", "0", workers="1") as pool:
+        pool.wait_ready()
+        [hangs] = amqp.publish(queue, [{"hang": True}])
+        started = wait_for(lambda: read_times(record_file, "start").get(hangs), 10, "hang")[0]
+        # The innocent one runs 2 s and starts 1.8 s into the hang: the kill at 3 s hits it.
+        wait_for(lambda: time.time() - started > 1.8, 5, "the hang to be 1.8 s old")
+        [innocent] = amqp.publish(queue, [{"sleep": 2}])
+        wait_for(lambda: amqp.count(t.dlq_name(queue)) == 1, 30, "the hang dead-lettered")
+        wait_for(lambda: innocent in read_times(record_file, "done"), 20, "innocent done")
+        stop(pool)
+    assert len(read_times(record_file, "start")[innocent]) == 2, "it was interrupted once"
+    assert {a for m, a, _, _ in read_records(record_file) if m == innocent} == {1}
+    [dead] = amqp.get_all(t.dlq_name(queue))
+    assert dead.message_id == hangs and dead.headers[t.H_REASON] == "time_limit"
+    assert f"message '{hangs}' has run" in pool.log()
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_exiting_with_a_fatal_looking_code_is_a_crash(queue, record_file, tmp_path):
+    with run_pool(queue, record_file, tmp_path) as pool:
+        pool.wait_ready()
+        [dies] = amqp.publish(queue, [{"die": True, "exit_code": 3}])
+        others = amqp.publish(queue, [{"n": i} for i in range(10)])
+        wait_for(lambda: amqp.count(t.dlq_name(queue)) == 1, 30, "the poison message")
+        wait_for(lambda: set(others) <= set(read_times(record_file, "done")), 20, "the rest")
+        assert pool.proc.poll() is None, "exit code 3 from a handler must not stop the pool"
+        stop(pool)
+    assert "cannot work" not in pool.log()
+    assert amqp.get_all(t.dlq_name(queue))[0].message_id == dies

@@ -44,8 +44,10 @@ def test_queue_deleted_under_the_pool_is_declared_again(queue, record_file, tmp_
         [old_pid] = pool.worker_pids()
         amqp.delete([queue])
         wait_for(lambda: "cancelled the consumer" in pool.log(), 10, "the cancel noticed")
-        wait_for(lambda: pool.is_ready() and pool.worker_pids() != [old_pid], 15,
-                 "a new worker consuming")
+        def new_worker_consuming():
+            workers = pool.health().get("workers", [])
+            return [(w["pid"] != old_pid, w["state"]) for w in workers] == [(True, "ready")]
+        wait_for(new_worker_consuming, 15, "a new worker consuming")
         [mid] = amqp.publish(queue, [{"n": 1}])
         wait_for(lambda: [r for r in read_records(record_file) if r[0] == mid], 10, "handled")
         pool.signal(signal.SIGTERM)

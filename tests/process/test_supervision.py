@@ -59,13 +59,22 @@ def test_sigkill_worker_under_load_is_replaced_and_nothing_is_lost(queue, record
 
 
 @pytest.mark.timeout(60)
-def test_sigkill_supervisor_takes_workers_down(queue, record_file, tmp_path):
+@pytest.mark.parametrize(("handler", "body"), [
+    ("behave", {"sleep": 60}),  # handler threads sleeping
+    ("cpu", {"seconds": 60}),  # handler threads burning CPU (GIL contention)
+    ("block_loop", {"block": 60}),  # the event loop itself blocked: only a thread can act
+])
+def test_sigkill_supervisor_takes_workers_down(queue, record_file, tmp_path, handler, body):
     amqp.declare(queue)
-    amqp.publish(queue, [{"sleep": 60, "n": i} for i in range(4)])
-    with Pool("tests.support.handlers:behave", "--queue", queue, "--workers", "2",
+    amqp.publish(queue, [{**body, "n": i} for i in range(4)])
+    with Pool(f"tests.support.handlers:{handler}", "--queue", queue, "--workers", "2",
               "--prefetch", "1", tmp_path=tmp_path, env=_env(record_file)) as pool:
         pool.wait_ready()
-        wait_for(lambda: len(read_records(record_file)) >= 2, 20, "two handlers running")
+        if handler == "cpu":  # it records when done: wait for both to be busy instead
+            wait_for(lambda: pool.metric("rmqpool_messages_in_progress", queue=queue) == 2, 20,
+                     "two handlers running")
+        else:
+            wait_for(lambda: len(read_records(record_file)) >= 2, 20, "two handlers running")
         workers = pool.worker_pids()
         assert len(workers) == 2 and all(not is_gone(p) for p in workers)
         t0 = time.monotonic()
@@ -83,7 +92,7 @@ def test_sigkill_supervisor_takes_workers_down(queue, record_file, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_cpu_bound_sync_handler_keeps_the_connection(queue, record_file, tmp_path):
-    seconds = 7  # > 2 x the heartbeat timeout the broker would enforce (2 x 2 s)
+    seconds = 9  # > 2 x the broker's heartbeat timeout (2 missed 2 s beats) and aiormq's 6 s
     with Pool("tests.support.handlers:cpu", "--queue", queue, "--workers", "2",
               "--heartbeat", "2", tmp_path=tmp_path, env=_env(record_file)) as pool:
         pool.wait_ready()

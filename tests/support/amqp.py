@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -14,8 +15,26 @@ import aio_pika
 URL = os.environ.get("RMQPOOL_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+# Every queue a test session creates starts with this, so the session can delete
+# whatever a test left behind (retry tiers it did not know about, say).
+SESSION_PREFIX = f"rmqpool-test-{uuid.uuid4().hex[:6]}-"
+
+
 def unique(prefix: str = "t") -> str:
-    return f"rmqpool-test-{prefix}-{uuid.uuid4().hex[:8]}"
+    return f"{SESSION_PREFIX}{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def leftover_queues(prefix: str = SESSION_PREFIX) -> list[str] | None:
+    """Queues on the local broker whose names start with `prefix` (via rabbitmqctl;
+    None when it is not available)."""
+    try:
+        out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return [name for name in out.stdout.split() if name.startswith(prefix)]
 
 
 def publish(queue: str, bodies: Iterable[Any], url: str = URL, *,

@@ -26,8 +26,9 @@ def test_settle_counts_and_histogram():
 def test_running_slots_and_depths():
     board = sb.Scoreboard(concurrency=2, queues=2)
     assert board.running() == [] and board.depths() == (0.0, [])
-    board.start(1, 12345)
+    board.start(1, 12345, "msg-" + "x" * 100)
     assert [r.key for r in board.running()] == [12345]
+    assert board.running()[0].message_id == ("msg-" + "x" * 100)[:sb.ID_BYTES]
     assert board.ints[sb.IN_PROGRESS] == 1
     board.finish(1)
     assert board.running() == [] and board.ints[sb.IN_PROGRESS] == 0
