@@ -473,11 +473,12 @@ def scoreboard_cost_us() -> float:
     board = Scoreboard(1)
     # Fresh bytes objects, as deliveries are: their hash is not cached yet.
     raws = [SimpleNamespace(body=BODY[:-2] + i.to_bytes(2, "big"),
-                            header=SimpleNamespace(properties=SimpleNamespace(message_id=None)))
+                            header=SimpleNamespace(properties=SimpleNamespace(message_id=f"{i:032x}")))
             for i in range(20000)]
     started = time.perf_counter()
     for raw in raws:
-        board.start(0, message_key(raw))  # type: ignore[arg-type]
+        board.start(0, message_key(raw),  # type: ignore[arg-type]
+                    raw.header.properties.message_id)
         board.settle(Action.ACK, "", 0.0001, True)
         board.finish(0)
     elapsed = time.perf_counter() - started
