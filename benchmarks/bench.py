@@ -47,7 +47,7 @@ def log(msg: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# -- the broker ---------------------------------------------------------------------------------
+# -- the broker ------------------------------------------------------------------------------------
 class Broker:
     """One admin connection: publish, queue depth (passive declare), delete."""
 
@@ -113,7 +113,7 @@ def all_queues(queue: str) -> list[str]:
     return [queue, *(n for n in names if n != queue)]
 
 
-# -- processes ------------------------------------------------------------------------------------
+# -- processes -------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -427,7 +427,7 @@ async def throughput(broker: Broker, v: Variant, n: int, workers: int, prefetch:
     return Run(n / (last - first), first - run.t0, cpu_us, others, scrapes)
 
 
-# -- idle memory -------------------------------------------------------------------------------------
+# -- idle memory -----------------------------------------------------------------------------------
 @dataclass
 class Memory:
     rss: float  # KiB, mean per worker
@@ -486,7 +486,7 @@ def scoreboard_cost_us() -> float:
     return elapsed / len(raws) * 1e6
 
 
-# -- (d) /metrics after many worker restarts ----------------------------------------------------------
+# -- (d) /metrics after many worker restarts -------------------------------------------------------
 @dataclass
 class ScrapeResult:
     restarts: int
@@ -533,8 +533,9 @@ async def scrape_after_restarts(broker: Broker, workers: int, restarts: int, tmp
                                 env: dict[str, str], budget: float,
                                 max_starting: int) -> ScrapeResult:
     """Kill workers with SIGKILL one at a time, round-robin over the slots, each only
-    once it has lived MIN_UPTIME + 0.5 s (its age from /proc) and is ready, so no slot ever enters the supervisor's restart
-    backoff; at most `max_starting` replacements may still be starting at a time.
+    once it has lived MIN_UPTIME + 0.5 s (its age from /proc) and is ready, so no slot ever
+    enters the supervisor's restart backoff; at most `max_starting` replacements may
+    still be starting at a time.
     Then time the scrapes of /metrics."""
     queue = unique_queue("restarts")
     await broker.declare(queue)
@@ -585,9 +586,9 @@ async def scrape_after_restarts(broker: Broker, workers: int, restarts: int, tmp
         c2 = cpu_seconds(sup)
         scrape_cpu_ms = max(0.0, (c1 - c0) - (c2 - c1)) / 200 * 1000
         text = http_get(port, "/metrics")[1].decode()
+        killed = 'rmqpool_worker_restarts_total{reason="killed"}'
         killed_counter = next((float(line.split()[-1]) for line in text.splitlines()
-                               if line.startswith('rmqpool_worker_restarts_total{reason="killed"}')),
-                              float("nan"))
+                               if line.startswith(killed)), float("nan"))
     finally:
         stop(run)
         await broker.delete(all_queues(queue))
@@ -595,7 +596,7 @@ async def scrape_after_restarts(broker: Broker, workers: int, restarts: int, tmp
                         ready_seconds, leaked, scrape_cpu_ms)
 
 
-# -- the report ----------------------------------------------------------------------------------------
+# -- the report ------------------------------------------------------------------------------------
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -683,7 +684,8 @@ async def main_async(args: argparse.Namespace) -> int:
         ratio_txt = f"{ratio:5.2f}" if ratio is not None else "     "
         tgt = f">= {target:.2f} {verdict(ratio >= target)}" if ratio is not None and target else ""
         print(f"  {label:<42} {res.best(key):>9,.0f} {res.median(key):>9,.0f}  {ratio_txt}  "
-              f"{tgt:<14} {res.startup(key):>7.2f} {res.cpu_us(key):>8,.0f} {res.others(key):>7.2f}")
+              f"{tgt:<14} {res.startup(key):>7.2f} {res.cpu_us(key):>8,.0f} "
+              f"{res.others(key):>7.2f}")
 
     print()
     print("(a)/(b) throughput, first message handled -> last; start-up = launch -> first "

@@ -209,7 +209,7 @@ def test_sighup_under_load_rolls_workers_without_a_gap(queue, record_file, tmp_p
     assert new_first < old_last, \
         f"the old workers stopped {new_first - old_last:.3f}s before the new ones started"
     assert all(readiness), f"/readyz went down during the rolling restart: {readiness}"
-    deltas = [b[1] - a[1] for a, b in zip(samples, samples[1:])]
+    deltas = [b[1] - a[1] for a, b in zip(samples, samples[1:], strict=False)]
     assert len(deltas) >= 1 and all(d > 0 for d in deltas), \
         f"acked counter stalled during the reload: {samples}"
     assert "SIGHUP" in log and log.count("reload:") == 2, log
