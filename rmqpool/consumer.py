@@ -151,7 +151,7 @@ class Consumer:
                 if raw.channel.is_closed:
                     continue
                 attempt = run(raw, index, loop)
-                if attempt.exc is None:
+                if not attempt.failed:
                     self._push(attempt)  # acks are settled in bursts, behind our back
                 else:
                     settled = threading.Event()
@@ -171,7 +171,7 @@ class Consumer:
                 if raw.channel.is_closed:
                     continue
                 attempt = await run(raw, index)
-                if attempt.exc is None:
+                if not attempt.failed:
                     self._push(attempt)
                 else:
                     settled = asyncio.Event()

@@ -9,10 +9,11 @@ worker -> supervisor
     ready     {}               connected and consuming
     notready  {why}            connection lost; reconnecting
     fatal     {code, why}      the pool cannot work (bad credentials, topology clash)
-    ask       {key}            a redelivered message: how many workers has it killed?
+    ask       {key, skey}      a redelivered message: how many workers has it killed,
+                               and did a dead worker settle it already (skey)?
 supervisor -> worker
     drain     {}               stop consuming, finish in-flight work, exit 0
-    verdict   {key, deaths, reason}   answer to ask
+    verdict   {key, deaths, reason, settled, suspect}   answer to ask
 """
 
 from __future__ import annotations
@@ -20,11 +21,20 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 BEAT, READY, NOTREADY, FATAL, ASK = "beat", "ready", "notready", "fatal", "ask"
 BEAT_INTERVAL = 1.0  # seconds between a worker's beats
 DRAIN, VERDICT = "drain", "verdict"
+
+
+class Verdict(NamedTuple):
+    """What the supervisor knows about a redelivered message."""
+
+    deaths: int = 0  # workers it was running in when they died
+    reason: str = ""  # why the last of them died: crash, heartbeat, time_limit
+    settled: bool = False  # a worker that died had settled it; only its ack was lost
+    suspect: bool = False  # running beside others when a worker died: run it alone
 
 
 def encode(kind: str, **fields: Any) -> bytes:

@@ -10,12 +10,14 @@ message's counters are written just before its ack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import random
+import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +27,7 @@ from pamqp.common import FieldTable
 
 from . import topology as t
 from .broker_errors import BROKER_ERRORS
+from .control import Verdict
 from .exceptions import MalformedMessage, Retry, TimeLimitExceeded, WorkerDied
 from .handler import Handler
 from .message import Message, attempt_of, decode_body
@@ -40,8 +43,12 @@ log = logging.getLogger("rmqpool.dispatch")
 
 TRACEBACK_LIMIT = 4000
 EXC_MESSAGE_LIMIT = 1000
-# Asks the supervisor how many workers a redelivered message has killed: (deaths, reason).
-Ask = Callable[[int], Coroutine[Any, Any, tuple[int, str]]]
+# Asks the supervisor what it knows of a redelivered message (message key, settled key).
+Ask = Callable[[int, int], Coroutine[Any, Any, Verdict]]
+
+
+class AlreadySettled(Exception):
+    """A redelivery of a message a dead worker had settled: ack it, nothing else."""
 
 
 def deliver_frame(raw: DeliveredMessage) -> spec.Basic.Deliver:
@@ -53,10 +60,77 @@ def tag_of(raw: DeliveredMessage) -> int:
     return cast(int, raw.delivery.delivery_tag)  # type: ignore[union-attr]
 
 
-def message_key(raw: DeliveredMessage) -> int:
-    """Identity of a message across redeliveries, for poison tracking (never 0)."""
+def message_key(raw: DeliveredMessage, attempt: int) -> int:
+    """Identity of one attempt of a message across redeliveries, for poison tracking
+    (never 0). Per attempt: a time-limit kill is charged to the attempt it killed, and its
+    retry copy starts clean."""
     ident = raw.header.properties.message_id or raw.body
-    return (hash(ident) & 0xFFFF_FFFF_FFFF_FFFF) or 1
+    return (hash((ident, attempt)) & 0xFFFF_FFFF_FFFF_FFFF) or 1
+
+
+def settled_key(raw: DeliveredMessage, attempt: int) -> int:
+    """The same, for recognising the redelivery of an attempt that was settled but whose
+    ack was lost. Only for messages with an id: two messages with the same body and no id
+    cannot be told apart, and must never be skipped (0 = none)."""
+    return message_key(raw, attempt) if raw.header.properties.message_id else 0
+
+
+class Gate:
+    """With --concurrency > 1: handlers run side by side, but a suspect message (one that
+    was running when a worker died beside others) runs alone, so that if it kills this
+    worker too, the death is charged to it and not to its neighbours."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.contextmanager
+    def enter(self, alone: bool) -> Iterator[None]:
+        with self._cond:
+            self._waiting_alone += alone
+            while self._alone or (alone and self._running) or (
+                    not alone and self._waiting_alone):
+                self._cond.wait()
+            self._waiting_alone -= alone
+            self._running += 1
+            self._alone = alone
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._alone = False
+                self._cond.notify_all()
+
+
+class AsyncGate:
+    """Gate, for async handlers on the loop."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._running = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.asynccontextmanager
+    async def enter(self, alone: bool) -> AsyncIterator[None]:
+        async with self._cond:
+            self._waiting_alone += alone
+            await self._cond.wait_for(lambda: not (
+                self._alone or (alone and self._running)
+                or (not alone and self._waiting_alone)))
+            self._waiting_alone -= alone
+            self._running += 1
+            self._alone = alone
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._running -= 1
+                self._alone = False
+                self._cond.notify_all()
 
 
 @dataclass(slots=True)
@@ -70,6 +144,11 @@ class Attempt:
     # Called once a failed attempt is settled: its executor waits for that before the
     # next message, so a worker that dies soon after never leaves two copies in flight.
     settled: Callable[[], None] | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Its outcome is a retry or dead-letter copy (published before the ack)."""
+        return self.exc is not None and not isinstance(self.exc, AlreadySettled)
 
 
 class Dispatcher:
@@ -91,6 +170,9 @@ class Dispatcher:
                              settings.max_worker_deaths)
         self.time_limit = settings.time_limit or None
         self.republishing: set[asyncio.Task[None]] = set()
+        several = settings.concurrency > 1
+        self.gate = Gate() if several and not handler.is_async else None
+        self.async_gate = AsyncGate() if several and handler.is_async else None
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- running --------------------------------------------------------------------
@@ -99,37 +181,41 @@ class Dispatcher:
         """In a handler thread. The supervisor enforces --time-limit: threads can't be
         interrupted, so it kills the worker."""
         attempt = attempt_of(raw.header.properties.headers)
-        self.board.start(index, message_key(raw), raw.header.properties.message_id)
-        try:
-            failure: BaseException | None = None
-            if deliver_frame(raw).redelivered:
-                verdict = asyncio.run_coroutine_threadsafe(self.ask(message_key(raw)), loop)
-                failure = charge(*verdict.result(), self.policy)
-            args = self._args(raw, attempt) if failure is None else failure
-            if isinstance(args, BaseException):
-                return Attempt(raw, attempt, args, -1.0)
+        key = message_key(raw, attempt)
+        failure: BaseException | None = None
+        alone = False
+        if deliver_frame(raw).redelivered:
+            failure, alone = self._judge(asyncio.run_coroutine_threadsafe(
+                self.ask(key, settled_key(raw, attempt)), loop).result())
+        args = self._args(raw, attempt) if failure is None else failure
+        if isinstance(args, BaseException):
+            return Attempt(raw, attempt, args, -1.0)
+        with self.gate.enter(alone) if self.gate else contextlib.nullcontext():
+            self.board.start(index, key, raw.header.properties.message_id)
             started = time.monotonic()
             try:
                 self.handler.fn(*args)
             except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
                 # A failing handler is an outcome, not a crash; sys.exit() in it too.
                 return Attempt(raw, attempt, exc, time.monotonic() - started)
+            finally:
+                self.board.finish(index)
             return Attempt(raw, attempt, None, time.monotonic() - started)
-        finally:
-            self.board.finish(index)
 
     async def run_async(self, raw: DeliveredMessage, index: int) -> Attempt:
         """On the loop; cancelled at --time-limit."""
         attempt = attempt_of(raw.header.properties.headers)
-        self.board.start(index, message_key(raw), raw.header.properties.message_id)
-        try:
-            if deliver_frame(raw).redelivered:
-                failure = charge(*await self.ask(message_key(raw)), self.policy)
-                if failure is not None:
-                    return Attempt(raw, attempt, failure, -1.0)
-            args = self._args(raw, attempt)
-            if isinstance(args, BaseException):
-                return Attempt(raw, attempt, args, -1.0)
+        key = message_key(raw, attempt)
+        alone = False
+        if deliver_frame(raw).redelivered:
+            failure, alone = self._judge(await self.ask(key, settled_key(raw, attempt)))
+            if failure is not None:
+                return Attempt(raw, attempt, failure, -1.0)
+        args = self._args(raw, attempt)
+        if isinstance(args, BaseException):
+            return Attempt(raw, attempt, args, -1.0)
+        async with self.async_gate.enter(alone) if self.async_gate else _nothing():
+            self.board.start(index, key, raw.header.properties.message_id)
             started = time.monotonic()
             limit = asyncio.timeout(self.time_limit)
             try:
@@ -141,9 +227,16 @@ class Dispatcher:
                               extra={"event": self._event(raw, "time_limit", -1.0)})
                     exc = TimeLimitExceeded(f"handler ran past --time-limit {self.time_limit:g}s")
                 return Attempt(raw, attempt, exc, time.monotonic() - started)
+            finally:
+                self.board.finish(index)
             return Attempt(raw, attempt, None, time.monotonic() - started)
-        finally:
-            self.board.finish(index)
+
+    def _judge(self, verdict: Verdict) -> tuple[BaseException | None, bool]:
+        """A redelivered message: (why not to run it, or None; whether to run it alone)."""
+        if verdict.settled:
+            return AlreadySettled(), False
+        return (charge(verdict.deaths, verdict.reason, self.policy),
+                bool(verdict.deaths or verdict.suspect))
 
     def _args(self, raw: DeliveredMessage, attempt: int) -> tuple[Any, ...] | MalformedMessage:
         props = raw.header.properties
@@ -159,12 +252,19 @@ class Dispatcher:
         or dead-letter copy is published, confirmed, and only then its original acked."""
         acks = []
         for attempt in batch:
+            if isinstance(attempt.exc, AlreadySettled):
+                log.info("redelivered, but a worker that died had settled it (its ack was "
+                         "lost): acked without running or counting it again",
+                         extra={"event": self._event(attempt.raw, "acked", -1.0)})
+                acks.append(attempt.raw)
+                continue
             outcome = decide(attempt.exc, attempt.number, self.policy)
             if outcome.action is Action.ACK:
                 if attempt.raw.channel.is_closed:
                     self._lost(attempt)
                     continue
-                self.board.settle(Action.ACK, "", attempt.duration, attempt.number == 1)
+                self.board.settle(Action.ACK, "", attempt.duration, attempt.number == 1,
+                                  settled_key(attempt.raw, attempt.number))
                 acks.append(attempt.raw)
                 if self._debug:
                     log.debug("acked", extra={"event": self._event(
@@ -197,7 +297,8 @@ class Dispatcher:
         if raw.channel.is_closed:
             self._lost(attempt)  # the copy is out: the redelivery will be a duplicate
             return
-        self.board.settle(outcome.action, outcome.reason, attempt.duration, attempt.number == 1)
+        self.board.settle(outcome.action, outcome.reason, attempt.duration, attempt.number == 1,
+                          settled_key(raw, attempt.number))
         await acker.ack([raw], wait=True)
         self._log_outcome(raw, outcome, attempt.exc, attempt.number, attempt.duration)
 
@@ -259,3 +360,8 @@ class Dispatcher:
 
 def _call(fn: Callable[[], None]) -> Callable[[asyncio.Task[None]], None]:
     return lambda _task: fn()
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield

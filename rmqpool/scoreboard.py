@@ -44,6 +44,7 @@ _SLOTS = N_INT + 3  # then per concurrency slot: key (int view), started (float 
 # then one cell per polled queue: ready messages (int view)
 
 ID_BYTES = 64  # per concurrency slot: the running message's id, for log lines
+RING = 256  # recently settled messages remembered (more than a burst of acks in flight)
 PROCESSED = {name: _PROCESSED + i for i, name in enumerate(OUTCOMES)}
 DEAD = {name: _DEAD + i for i, name in enumerate(REASONS)}
 
@@ -62,7 +63,9 @@ class Scoreboard:
         self.concurrency = concurrency
         self.queues = queues
         self._depths = _SLOTS + 2 * concurrency
-        self._ids = 8 * (self._depths + queues)  # byte offset of the message-id slots
+        self._ring_pos = self._depths + queues  # next write in the ring of settled keys
+        self._ring = self._ring_pos + 1
+        self._ids = 8 * (self._ring + RING)  # byte offset of the message-id slots
         self._mm = mmap.mmap(-1, self._ids + ID_BYTES * concurrency)
         self.ints = memoryview(self._mm).cast("Q")
         self.floats = memoryview(self._mm).cast("d")
@@ -73,8 +76,16 @@ class Scoreboard:
         self._mm.close()
 
     # -- written by the worker ------------------------------------------------
-    def settle(self, action: Action, reason: str, duration: float, first_attempt: bool) -> None:
+    def settle(self, action: Action, reason: str, duration: float, first_attempt: bool,
+               settled_key: int = 0) -> None:
+        """Count an outcome. `settled_key` (see dispatch.settled_key) goes into a ring of
+        recently settled messages: if this worker dies before the ack reaches the broker,
+        the redelivery is recognised and acked without running or counting it again."""
         ints = self.ints
+        if settled_key:
+            pos = ints[self._ring_pos]
+            ints[self._ring + pos % RING] = settled_key
+            ints[self._ring_pos] = pos + 1
         if first_attempt:
             ints[RECEIVED] += 1
         ints[PROCESSED[action.value]] += 1
@@ -123,6 +134,9 @@ class Scoreboard:
                 mid = self._mm[at:at + ID_BYTES].rstrip(b"\0").decode(errors="replace")
                 out.append(Running(key, self.floats[base + 1], mid))
         return out
+
+    def recently_settled(self) -> set[int]:
+        return {k for k in self.ints[self._ring:self._ring + RING] if k}
 
     def counters(self) -> list[int]:
         return list(self.ints[:N_INT])

@@ -35,6 +35,7 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this is "dying soon after sta
 MAX_BACKOFF = 30.0
 KILL_GRACE = 5.0  # beyond --graceful-timeout, for the worker to close its connection
 MAX_CHARGES = 10_000  # poison-tracking entries kept (oldest dropped first)
+SETTLED_MEMORY = 600.0  # seconds a dead worker's settled messages are remembered
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
@@ -59,7 +60,9 @@ class Supervisor:
         self.retired: dict[int, list[int]] = {}
         self.retired_duration_sum: dict[int, float] = {}
         self.restarts: dict[str, int] = {}
-        self.charges: dict[int, tuple[int, str]] = {}  # message key -> (deaths, reason)
+        # message key -> (deaths charged, reason of the last, a suspect of an uncharged one)
+        self.charges: dict[int, tuple[int, str, bool]] = {}
+        self.settled_by_dead: dict[int, float] = {}  # settled key -> when its worker died
         self.started_at = time.monotonic()
         self.last_loop = self.started_at
         self._signals: deque[int] = deque()
@@ -246,7 +249,18 @@ class Supervisor:
         self.retired_duration_sum[worker.slot] = (
             self.retired_duration_sum.get(worker.slot, 0.0) + worker.board.duration_sum())
         if worker.kill_reason is None and worker.draining_since is None:  # it crashed
-            self._charge(worker.board.running(), "crash")
+            running = worker.board.running()
+            self._charge(running, "crash", certain=len(running) == 1)
+        # Its last acks may not have reached the broker (a killed process's unsent socket
+        # data is dropped): remember what it settled, so redeliveries are not run twice.
+        now = time.monotonic()
+        for key in worker.board.recently_settled():
+            self.settled_by_dead.pop(key, None)  # keep the dict in time order
+            self.settled_by_dead[key] = now
+        while self.settled_by_dead and (
+                len(self.settled_by_dead) > MAX_CHARGES
+                or now - next(iter(self.settled_by_dead.values())) > SETTLED_MEMORY):
+            del self.settled_by_dead[next(iter(self.settled_by_dead))]
         try:
             self._selector.unregister(worker.end.fileno())
         except KeyError:
@@ -254,17 +268,20 @@ class Supervisor:
         worker.end.close()
         worker.board.close()
 
-    def _charge(self, culprits: list[Running], reason: str) -> None:
-        """Count a worker death against each message that caused it (poison tracking)."""
+    def _charge(self, culprits: list[Running], reason: str, certain: bool) -> None:
+        """Count a worker death against the message that caused it (poison tracking).
+        When several were running and any of them may have done it, none is charged:
+        each becomes a suspect and runs alone next time, where a death is certain."""
         for running in culprits:
-            deaths, _ = self.charges.pop(running.key, (0, ""))
-            self.charges[running.key] = (deaths + 1, reason)
+            deaths, _, _ = self.charges.pop(running.key, (0, "", False))
+            self.charges[running.key] = (deaths + certain, reason, not certain)
         while len(self.charges) > MAX_CHARGES:
             del self.charges[next(iter(self.charges))]
 
-    def _kill(self, worker: WorkerProcess, reason: str, culprits: list[Running]) -> None:
+    def _kill(self, worker: WorkerProcess, reason: str, culprits: list[Running],
+              certain: bool) -> None:
         """Charge now, not at reap: the broker may redeliver before waitpid sees it."""
-        self._charge(culprits, reason)
+        self._charge(culprits, reason, certain)
         worker.kill(reason)
 
     # -- health -----------------------------------------------------------------------------
@@ -288,7 +305,7 @@ class Supervisor:
                 log.error("%s event loop blocked: no heartbeat for %.1fs (--worker-timeout %gs); "
                           "a handler is holding the loop or the GIL; killing it (running: %s)",
                           worker, silent, s.worker_timeout, _ids(running))
-                self._kill(worker, "heartbeat", running)
+                self._kill(worker, "heartbeat", running, certain=len(running) == 1)
                 continue
             if s.time_limit and not self.handler.is_async:
                 overdue = [r for r in worker.board.running() if now - r.started > s.time_limit]
@@ -296,7 +313,7 @@ class Supervisor:
                     log.error("%s: message %s has run %.1fs, past --time-limit %gs; killing the "
                               "worker (sync handlers cannot be interrupted)", worker,
                               _ids(overdue), now - overdue[0].started, s.time_limit)
-                    self._kill(worker, "time_limit", overdue)
+                    self._kill(worker, "time_limit", overdue, certain=True)
 
     # -- reconciling ---------------------------------------------------------------------------
     def _reconcile(self) -> None:
@@ -376,8 +393,14 @@ class Supervisor:
 
     def _on_ask(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         self._reap()  # a worker that just died may hold the charge being asked for
-        deaths, reason = self.charges.get(int(msg["key"]), (0, ""))
-        worker.end.send(control.VERDICT, key=msg["key"], deaths=deaths, reason=reason)
+        deaths, reason, suspect = self.charges.get(int(msg["key"]), (0, "", False))
+        # Settled, yet redelivered: its ack was lost with a connection (a worker killed
+        # just after acking may not even be reaped yet). Its outcome stands; skip it.
+        skey = int(msg.get("skey") or 0)
+        settled = bool(skey) and (skey in self.settled_by_dead or any(
+            skey in w.board.recently_settled() for w in self.workers.values()))
+        worker.end.send(control.VERDICT, key=msg["key"], deaths=deaths, reason=reason,
+                        settled=settled, suspect=suspect)
 
     _control_actions: dict[str, Callable[[Supervisor, WorkerProcess, dict[str, Any]], None]] = {
         control.BEAT: _on_beat,

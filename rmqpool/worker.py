@@ -83,7 +83,7 @@ class Worker:
         self.drain_deadline: float | None = None  # seconds to drain, once asked to stop
         self._stop = asyncio.Event()
         self._lost = False  # stopping on our own (consumer cancelled by the broker)
-        self._verdicts: dict[int, asyncio.Future[tuple[int, str]]] = {}
+        self._verdicts: dict[int, asyncio.Future[control.Verdict]] = {}
         self._tiers: dict[float, str] = {}
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
@@ -306,24 +306,26 @@ class Worker:
             elif kind == control.VERDICT:
                 future = self._verdicts.pop(msg["key"], None)
                 if future is not None and not future.done():
-                    future.set_result((int(msg["deaths"]), str(msg["reason"])))
+                    future.set_result(control.Verdict(
+                        int(msg["deaths"]), str(msg["reason"]), bool(msg.get("settled")),
+                        bool(msg.get("suspect"))))
 
     def _orphaned(self, why: str) -> None:
         if self.drain_deadline is None or self.drain_deadline > ORPHAN_DEADLINE:
             log.warning("%s; stopping within %gs", why, ORPHAN_DEADLINE)
         self.request_stop(min(ORPHAN_DEADLINE, self.settings.graceful_timeout))
 
-    async def _ask(self, key: int) -> tuple[int, str]:
-        """How many workers has this redelivered message killed? (0 if unknown)."""
+    async def _ask(self, key: int, settled_key: int) -> control.Verdict:
+        """What the supervisor knows of a redelivered message (nothing, if it is gone)."""
         future = self._verdicts.get(key)
         if future is None:
             future = self._verdicts[key] = asyncio.get_running_loop().create_future()
-            self.control.send(control.ASK, key=key)
+            self.control.send(control.ASK, key=key, skey=settled_key)
         try:
             return await asyncio.wait_for(asyncio.shield(future), ASK_TIMEOUT)
         except TimeoutError:
             self._verdicts.pop(key, None)
-            return 0, ""
+            return control.Verdict()
 
 
 def _reply_text(exc: BaseException) -> str:

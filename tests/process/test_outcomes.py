@@ -215,3 +215,22 @@ def test_a_handler_exiting_with_a_fatal_looking_code_is_a_crash(queue, record_fi
         stop(pool)
     assert "cannot work" not in pool.log()
     assert amqp.get_all(t.dlq_name(queue))[0].message_id == dies
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("handler", ["behave", "behave_async"])
+def test_a_poison_message_does_not_take_its_neighbours_down(queue, record_file, tmp_path,
+                                                           handler):
+    with run_pool(queue, record_file, tmp_path, "--concurrency", "3", handler=handler,
+                  workers="1") as pool:
+        pool.wait_ready()
+        innocents = amqp.publish(queue, [{"sleep": 1.5}, {"sleep": 1.5}])
+        [poison] = amqp.publish(queue, [{"die": True, "die_after": 0.5}])
+        fast = amqp.publish(queue, [{"n": i} for i in range(10)])
+        wait_for(lambda: amqp.count(t.dlq_name(queue)) == 1, 60, "the poison dead-lettered")
+        wait_for(lambda: set(innocents + fast) <= set(read_times(record_file, "done")), 30,
+                 "every other message done")
+        stop(pool)
+    [dead] = amqp.get_all(t.dlq_name(queue))
+    assert dead.message_id == poison and dead.headers[t.H_REASON] == "poison"
+    assert dead.headers[t.H_DEATHS] == 3

@@ -48,6 +48,7 @@ def behave(body: Any, message: rmqpool.Message) -> None:
     """Does what the body says: fail_until (attempt), reject, retry_delay, die, hang, sleep."""
     _record(message, "start")
     if body.get("die"):
+        time.sleep(float(body.get("die_after", 0)))
         os._exit(int(body.get("exit_code", 13)))
     if body.get("hang"):
         time.sleep(3600)
