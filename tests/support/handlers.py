@@ -88,11 +88,15 @@ def read_records(path: os.PathLike[str] | str) -> list[tuple[str, int, int, str]
 def read_times(path: os.PathLike[str] | str, tag: str = "start") -> dict[str, list[float]]:
     """message id -> wall-clock times of its records with `tag`, in order."""
     out: dict[str, list[float]] = {}
-    with open(path) as f:
-        for line in f.read().splitlines():
-            mid, _, _, extra, ts = line.split(" ")
-            if extra == tag:
-                out.setdefault(mid, []).append(float(ts))
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:  # nothing recorded yet
+        return out
+    for line in lines:
+        mid, _, _, extra, ts = line.split(" ")
+        if extra == tag:
+            out.setdefault(mid, []).append(float(ts))
     return out
 
 
