@@ -105,7 +105,9 @@ class Worker:
             consumer = Consumer(channel, self.settings.queue, dispatcher,
                                 self.settings.concurrency, self._ready, self._consumer_lost)
             await consumer.start()
-            side.append(asyncio.create_task(self._poll_depths(channel)))
+            # A channel of its own: a passive declare of a deleted queue closes its channel.
+            polling = await connection.channel(publisher_confirms=False)
+            side.append(asyncio.create_task(self._poll_depths(polling)))
             await self._stop.wait()
             drained = await consumer.drain(self.drain_deadline or 0.0)
             await self._close()
