@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__, exitcodes
 from . import log as rlog
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see rmqpool --help)")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"rmqpool: error: {message}", file=sys.stderr)
     raise SystemExit(exitcodes.USAGE)
 
@@ -72,8 +73,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return Supervisor(settings, handler).run()
-    except OSError as exc:
-        if settings.metrics_port and exc.errno in (98, 13, 99):  # in use / denied / bad addr
-            _fail(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
-                  f"({exc.strerror}); choose another --metrics-port, or 0 to disable")
-        raise
+    except SettingsError as exc:  # the metrics port cannot be bound
+        _fail(str(exc))

@@ -195,8 +195,9 @@ class Dispatcher:
             started = time.monotonic()
             try:
                 self.handler.fn(*args)
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
-                # A failing handler is an outcome, not a crash; sys.exit() in it too.
+            except BaseException as exc:  # noqa: BLE001
+                # A failing handler is an outcome, not a crash: sys.exit(), a
+                # CancelledError escaping an asyncio.run() inside it, anything.
                 return Attempt(raw, attempt, exc, time.monotonic() - started)
             finally:
                 self.board.finish(index)
@@ -221,7 +222,9 @@ class Dispatcher:
             try:
                 async with limit:
                     await self.handler.fn(*args)
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                    raise  # the worker itself is stopping: not the handler's outcome
                 if isinstance(exc, TimeoutError) and limit.expired():
                     log.error("handler ran past --time-limit %gs; cancelled", self.time_limit,
                               extra={"event": self._event(raw, "time_limit", -1.0)})
@@ -365,3 +368,8 @@ def _call(fn: Callable[[], None]) -> Callable[[asyncio.Task[None]], None]:
 @contextlib.asynccontextmanager
 async def _nothing() -> AsyncIterator[None]:
     yield
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

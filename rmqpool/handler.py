@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+_OWN_DIR = os.path.realpath(os.path.dirname(__file__)) + os.sep  # rmqpool itself
+
 
 class HandlerError(Exception):
     """The handler cannot be loaded; the message says why and what to do."""
@@ -42,7 +44,7 @@ def _is_user_module(module: Any, library_dirs: tuple[str, ...]) -> bool:
     if not path:
         return False
     path = os.path.realpath(path)
-    return not path.startswith(library_dirs) and "/rmqpool/" not in path
+    return not path.startswith((*library_dirs, _OWN_DIR))
 
 
 def forget_user_modules() -> list[str]:

@@ -7,6 +7,7 @@ Every option is declared once in OPTIONS; the CLI, the environment lookup, the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import urllib.parse
@@ -204,7 +205,7 @@ def _fmt(values: tuple[float, ...]) -> str:
 
 
 def _positive(attr: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0 or not math.isfinite(value):  # `not >` also catches nan
         opt = OPTIONS_BY_ATTR[attr]
         raise SettingsError(f"{opt.flag} must be > 0 (got {value:g}); "
                             f"set {opt.flag} or {opt.env} to a positive number")

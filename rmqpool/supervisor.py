@@ -209,6 +209,8 @@ class Supervisor:
         slot = worker.slot
         if self.active.get(slot) is worker:
             del self.active[slot]
+            if slot in self.replacing:  # mid-reload: its replacement takes the slot now
+                self.active[slot] = self.replacing.pop(slot)
         if self.replacing.get(slot) is worker:
             del self.replacing[slot]
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -326,7 +328,8 @@ class Supervisor:
         for slot in [s for s in self.active if s >= self.desired]:
             log.info("scaling down: draining %s", self.active[slot])
             self.active.pop(slot).drain()
-            self.replacing.pop(slot, None)
+            if slot in self.replacing:
+                self.replacing.pop(slot).drain()
         self._continue_reload()
 
     def _continue_reload(self) -> None:
@@ -415,8 +418,15 @@ class Supervisor:
         if not self.settings.metrics_port:
             return
         from .metrics import MetricsServer
+        from .settings import SettingsError
 
-        self._http = MetricsServer(self)
+        s = self.settings
+        try:
+            self._http = MetricsServer(self)
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot serve metrics on {s.metrics_host}:{s.metrics_port} ({exc}); use "
+                "another --metrics-host/--metrics-port, or --metrics-port 0 to disable") from None
         self._selector.register(self._http.fileno(), selectors.EVENT_READ, self._http.handle)
         self._extra_fds.append(self._http.fileno())
 

@@ -13,8 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
-import time
 from typing import Any
 
 import aio_pika
@@ -34,7 +32,7 @@ from .settings import BROKER_CONSUMER_TIMEOUT, Settings
 log = logging.getLogger("rmqpool.worker")
 
 DEPTH_INTERVAL = 5.0  # seconds between polls of the queues' depths (for metrics)
-ORPHAN_DEADLINE = 2.5  # seconds an orphaned worker gives in-flight handlers (4 s hard)
+ORPHAN_DEADLINE = 2.5  # seconds an orphaned worker gives in-flight handlers
 ASK_TIMEOUT = 5.0
 
 
@@ -50,25 +48,11 @@ def worker_main(settings: Settings, slot: int, handler: Handler, sock: Any,
                 board: Scoreboard, supervisor_pid: int) -> int:
     """Entry point in the forked child. Returns the process's exit code."""
     setproctitle.setproctitle(f"rmqpool: worker {slot} [{handler.spec} on {settings.queue}]")
-    threading.Thread(target=_orphan_watchdog, args=(supervisor_pid,), daemon=True,
-                     name="rmqpool-orphan-watchdog").start()
     worker = Worker(settings, slot, handler, sock, board, supervisor_pid)
     # Not closed: closing a Runner cancels and joins every task, and a connection
     # handshake may ignore the cancel. The caller exits the process right after.
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     return runner.run(worker.run())
-
-
-def _orphan_watchdog(supervisor_pid: int) -> None:
-    """Off the loop, so a blocked loop cannot keep an orphan alive: once the supervisor
-    is gone, the loop gets ORPHAN_DEADLINE to drain; then this thread ends the process
-    (unacked messages return to the queue)."""
-    while os.getppid() == supervisor_pid:
-        time.sleep(0.25)
-    time.sleep(ORPHAN_DEADLINE + 1.5)
-    log.error("the supervisor is gone and the worker did not stop in time; exiting now")
-    logging.shutdown()
-    os._exit(exitcodes.FORCED)
 
 
 class Worker:

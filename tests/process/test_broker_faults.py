@@ -119,3 +119,28 @@ def test_network_partition_is_detected_by_heartbeats(queue, record_file, tmp_pat
     assert detected_in < 4 * heartbeat + 5, f"partition noticed after {detected_in:.1f}s"
     assert "lost" in log, log
     assert amqp.count(f"{queue}.dlq") == 0
+
+
+@pytest.mark.timeout(60)
+def test_old_worker_dying_mid_reload_does_not_leak_a_worker(queue, record_file, tmp_path):
+    with TcpProxy("127.0.0.1", 5672) as proxy, \
+            Pool("tests.support.handlers:record", "--queue", queue, "--workers", "2",
+                 "--url", f"amqp://guest:guest@127.0.0.1:{proxy.port}/", tmp_path=tmp_path,
+                 env={"RECORD_FILE": str(record_file)}) as pool:
+        pool.wait_ready()
+        old = {w["slot"]: w["pid"] for w in pool.health()["workers"]}
+        proxy.pause()  # the replacement for slot 0 cannot connect
+        pool.signal(signal.SIGHUP)
+        wait_for(lambda: len(pool.health()["workers"]) == 3, 10, "a replacement starting")
+        import os
+        os.kill(old[0], signal.SIGKILL)  # the old worker of slot 0 dies mid-reload
+        wait_for(lambda: old[0] not in pool.worker_pids(), 10, "the old worker gone")
+        proxy.resume()
+
+        def settled():
+            workers = pool.health()["workers"]
+            return (len(workers) == 2 and all(w["state"] == "ready" for w in workers)
+                    and not set(old.values()) & {w["pid"] for w in workers})
+        wait_for(settled, 30, "two new workers, no more")
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0

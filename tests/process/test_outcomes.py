@@ -234,3 +234,18 @@ def test_a_poison_message_does_not_take_its_neighbours_down(queue, record_file, 
     [dead] = amqp.get_all(t.dlq_name(queue))
     assert dead.message_id == poison and dead.headers[t.H_REASON] == "poison"
     assert dead.headers[t.H_DEATHS] == 3
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("handler", ["base_exc", "base_exc_async"])
+def test_a_base_exception_from_a_handler_is_a_failure(queue, record_file, tmp_path, handler):
+    with run_pool(queue, record_file, tmp_path, handler=handler, workers="1") as pool:
+        pool.wait_ready()
+        [mid] = amqp.publish(queue, [{"n": 1}])
+        wait_for(lambda: amqp.count(t.dlq_name(queue)) == 1, 30, "dead-lettered")
+        pids = pool.worker_pids()
+        stop(pool)
+    assert len(read_times(record_file, "start")[mid]) == 3  # max-retries 2
+    assert len(pids) == 1 and "restarting" not in pool.log()
+    [dead] = amqp.get_all(t.dlq_name(queue))
+    assert dead.headers[t.H_EXC_TYPE] in ("CancelledError", "CustomBase")

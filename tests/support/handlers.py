@@ -113,3 +113,29 @@ async def block_loop(body: Any, message: rmqpool.Message) -> None:
         _record(message, "blocking")
         time.sleep(float(body["block"]))
     _record(message, "done")
+
+
+class CustomBase(BaseException):
+    pass
+
+
+def base_exc(body: Any, message: rmqpool.Message) -> None:
+    """A sync handler letting a CancelledError out of an asyncio.run() inside it."""
+    _record(message, "start")
+
+    async def inner() -> None:
+        task = asyncio.ensure_future(asyncio.sleep(10))
+        task.cancel()
+        await task
+    asyncio.run(inner())
+
+
+async def base_exc_async(body: Any, message: rmqpool.Message) -> None:
+    _record(message, "start")
+    raise CustomBase("not an Exception")
+
+
+def gil(body: Any, message: rmqpool.Message) -> None:
+    """Holds the GIL in one C call for a long time (sum over a huge range)."""
+    _record(message, "start")
+    sum(range(int(body["size"])))

@@ -57,3 +57,15 @@ def test_reload_reads_the_file_again(module_dir):
     write(module_dir, "h_rel", "def f(body): return 2")
     forget_user_modules()
     assert load("h_rel:f").fn(None) == 2
+
+
+def test_reload_works_from_a_directory_named_rmqpool(tmp_path, monkeypatch):
+    home = tmp_path / "rmqpool"
+    home.mkdir()
+    monkeypatch.syspath_prepend(str(home))
+    write(home, "h_home", "def f(body): return 1")
+    assert load("h_home:f").fn(None) == 1
+    write(home, "h_home", "def f(body): return 2")
+    forget_user_modules()
+    assert load("h_home:f").fn(None) == 2
+    forget_user_modules()

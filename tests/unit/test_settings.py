@@ -48,6 +48,8 @@ def test_env_lists_and_handler():
     ({"retry_delays": (0.0,)}, {}, "--retry-delays must all be > 0"),
     ({"worker_timeout": 1}, {}, "--worker-timeout 1"),
     ({"retry_jitter": 1.0}, {}, "--retry-jitter must be in"),
+    ({"graceful_timeout": float("nan")}, {}, "--graceful-timeout must be > 0"),
+    ({}, {"RMQPOOL_WORKER_TIMEOUT": "nan"}, "--worker-timeout must be > 0"),
     ({"queue": "amq.x"}, {}, "not a usable queue name"),
 ])
 def test_bad_values_name_the_option(flags, env, message):
