@@ -75,61 +75,71 @@ def settled_key(raw: DeliveredMessage, attempt: int) -> int:
     return message_key(raw, attempt) if raw.header.properties.message_id else 0
 
 
-class Gate:
-    """With --concurrency > 1: handlers run side by side, but a suspect message (one that
-    was running when a worker died beside others) runs alone, so that if it kills this
-    worker too, the death is charged to it and not to its neighbours."""
+class _GateState:
+    """Handlers run side by side, but a suspect message (one that was running when a
+    worker died beside others) runs alone, so that if it kills this worker too, the death
+    is charged to it and not to its neighbours. Waiting suspects go first."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
         self._running = 0
         self._alone = False
         self._waiting_alone = 0
+
+    def _may_enter(self, alone: bool) -> bool:
+        if alone:
+            return not self._running
+        return not (self._alone or self._waiting_alone)
+
+    def _enter(self, alone: bool) -> None:
+        self._running += 1
+        self._alone = alone
+
+    def _leave(self) -> None:
+        self._running -= 1
+        self._alone = False
+
+
+class Gate(_GateState):
+    """For sync handlers, in their threads (with --concurrency > 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
 
     @contextlib.contextmanager
     def enter(self, alone: bool) -> Iterator[None]:
         with self._cond:
             self._waiting_alone += alone
-            while self._alone or (alone and self._running) or (
-                    not alone and self._waiting_alone):
-                self._cond.wait()
+            self._cond.wait_for(lambda: self._may_enter(alone))
             self._waiting_alone -= alone
-            self._running += 1
-            self._alone = alone
+            self._enter(alone)
         try:
             yield
         finally:
             with self._cond:
-                self._running -= 1
-                self._alone = False
+                self._leave()
                 self._cond.notify_all()
 
 
-class AsyncGate:
-    """Gate, for async handlers on the loop."""
+class AsyncGate(_GateState):
+    """For async handlers, on the loop (with --concurrency > 1)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._cond = asyncio.Condition()
-        self._running = 0
-        self._alone = False
-        self._waiting_alone = 0
 
     @contextlib.asynccontextmanager
     async def enter(self, alone: bool) -> AsyncIterator[None]:
         async with self._cond:
             self._waiting_alone += alone
-            await self._cond.wait_for(lambda: not (
-                self._alone or (alone and self._running)
-                or (not alone and self._waiting_alone)))
+            await self._cond.wait_for(lambda: self._may_enter(alone))
             self._waiting_alone -= alone
-            self._running += 1
-            self._alone = alone
+            self._enter(alone)
         try:
             yield
         finally:
             async with self._cond:
-                self._running -= 1
-                self._alone = False
+                self._leave()
                 self._cond.notify_all()
 
 
