@@ -60,19 +60,17 @@ def tag_of(raw: DeliveredMessage) -> int:
     return cast(int, raw.delivery.delivery_tag)  # type: ignore[union-attr]
 
 
-def message_key(raw: DeliveredMessage, attempt: int) -> int:
-    """Identity of one attempt of a message across redeliveries, for poison tracking
-    (never 0). Per attempt: a time-limit kill is charged to the attempt it killed, and its
-    retry copy starts clean."""
-    ident = raw.header.properties.message_id or raw.body
-    return (hash((ident, attempt)) & 0xFFFF_FFFF_FFFF_FFFF) or 1
+def keys(raw: DeliveredMessage, attempt: int) -> tuple[int, int]:
+    """(message key, settled key) of one attempt of a message, for the supervisor.
 
-
-def settled_key(raw: DeliveredMessage, attempt: int) -> int:
-    """The same, for recognising the redelivery of an attempt that was settled but whose
-    ack was lost. Only for messages with an id: two messages with the same body and no id
-    cannot be told apart, and must never be skipped (0 = none)."""
-    return message_key(raw, attempt) if raw.header.properties.message_id else 0
+    The message key identifies it across redeliveries for poison tracking (never 0); per
+    attempt, so a time-limit kill is charged to the attempt it killed and the retry copy
+    starts clean. The settled key recognises the redelivery of an attempt that was settled
+    but whose ack was lost; only for messages with an id (0 otherwise): two messages with
+    the same body and no id cannot be told apart, and must never be skipped."""
+    mid = raw.header.properties.message_id
+    key = (hash((mid or raw.body, attempt)) & 0xFFFF_FFFF_FFFF_FFFF) or 1
+    return key, key if mid else 0
 
 
 class _GateState:
@@ -151,6 +149,7 @@ class Attempt:
     number: int  # the attempt number, 1-based
     exc: BaseException | None  # what the handler raised (or why it did not run)
     duration: float  # seconds in the handler; -1 when it did not run
+    settled_key: int  # see keys()
     # Called once a failed attempt is settled: its executor waits for that before the
     # next message, so a worker that dies soon after never leaves two copies in flight.
     settled: Callable[[], None] | None = None
@@ -191,15 +190,15 @@ class Dispatcher:
         """In a handler thread. The supervisor enforces --time-limit: threads can't be
         interrupted, so it kills the worker."""
         attempt = attempt_of(raw.header.properties.headers)
-        key = message_key(raw, attempt)
+        key, skey = keys(raw, attempt)
         failure: BaseException | None = None
         alone = False
         if deliver_frame(raw).redelivered:
             failure, alone = self._judge(asyncio.run_coroutine_threadsafe(
-                self.ask(key, settled_key(raw, attempt)), loop).result())
+                self.ask(key, skey), loop).result())
         args = self._args(raw, attempt) if failure is None else failure
         if isinstance(args, BaseException):
-            return Attempt(raw, attempt, args, -1.0)
+            return Attempt(raw, attempt, args, -1.0, skey)
         with self.gate.enter(alone) if self.gate else contextlib.nullcontext():
             self.board.start(index, key, raw.header.properties.message_id)
             started = time.monotonic()
@@ -208,24 +207,24 @@ class Dispatcher:
             except BaseException as exc:  # noqa: BLE001
                 # A failing handler is an outcome, not a crash: sys.exit(), a
                 # CancelledError escaping an asyncio.run() inside it, anything.
-                return Attempt(raw, attempt, exc, time.monotonic() - started)
+                return Attempt(raw, attempt, exc, time.monotonic() - started, skey)
             finally:
                 self.board.finish(index)
-            return Attempt(raw, attempt, None, time.monotonic() - started)
+            return Attempt(raw, attempt, None, time.monotonic() - started, skey)
 
     async def run_async(self, raw: DeliveredMessage, index: int) -> Attempt:
         """On the loop; cancelled at --time-limit."""
         attempt = attempt_of(raw.header.properties.headers)
-        key = message_key(raw, attempt)
+        key, skey = keys(raw, attempt)
         alone = False
         if deliver_frame(raw).redelivered:
-            failure, alone = self._judge(await self.ask(key, settled_key(raw, attempt)))
+            failure, alone = self._judge(await self.ask(key, skey))
             if failure is not None:
-                return Attempt(raw, attempt, failure, -1.0)
+                return Attempt(raw, attempt, failure, -1.0, skey)
         args = self._args(raw, attempt)
         if isinstance(args, BaseException):
-            return Attempt(raw, attempt, args, -1.0)
-        async with self.async_gate.enter(alone) if self.async_gate else _nothing():
+            return Attempt(raw, attempt, args, -1.0, skey)
+        async with self.async_gate.enter(alone) if self.async_gate else contextlib.nullcontext():
             self.board.start(index, key, raw.header.properties.message_id)
             started = time.monotonic()
             limit = asyncio.timeout(self.time_limit)
@@ -239,10 +238,10 @@ class Dispatcher:
                     log.error("handler ran past --time-limit %gs; cancelled", self.time_limit,
                               extra={"event": self._event(raw, "time_limit", -1.0)})
                     exc = TimeLimitExceeded(f"handler ran past --time-limit {self.time_limit:g}s")
-                return Attempt(raw, attempt, exc, time.monotonic() - started)
+                return Attempt(raw, attempt, exc, time.monotonic() - started, skey)
             finally:
                 self.board.finish(index)
-            return Attempt(raw, attempt, None, time.monotonic() - started)
+            return Attempt(raw, attempt, None, time.monotonic() - started, skey)
 
     def _judge(self, verdict: Verdict) -> tuple[BaseException | None, bool]:
         """A redelivered message: (why not to run it, or None; whether to run it alone)."""
@@ -277,7 +276,7 @@ class Dispatcher:
                     self._lost(attempt)
                     continue
                 self.board.settle(Action.ACK, "", attempt.duration, attempt.number == 1,
-                                  settled_key(attempt.raw, attempt.number))
+                                  attempt.settled_key)
                 acks.append(attempt.raw)
                 if self._debug:
                     log.debug("acked", extra={"event": self._event(
@@ -311,7 +310,7 @@ class Dispatcher:
             self._lost(attempt)  # the copy is out: the redelivery will be a duplicate
             return
         self.board.settle(outcome.action, outcome.reason, attempt.duration, attempt.number == 1,
-                          settled_key(raw, attempt.number))
+                          attempt.settled_key)
         await acker.ack([raw], wait=True)
         self._log_outcome(raw, outcome, attempt.exc, attempt.number, attempt.duration)
 
@@ -373,11 +372,6 @@ class Dispatcher:
 
 def _call(fn: Callable[[], None]) -> Callable[[asyncio.Task[None]], None]:
     return lambda _task: fn()
-
-
-@contextlib.asynccontextmanager
-async def _nothing() -> AsyncIterator[None]:
-    yield
 
 
 def _being_cancelled() -> bool:

@@ -25,7 +25,7 @@ import setproctitle
 from . import control, exitcodes
 from . import handler as handler_mod
 from .process import WorkerProcess, describe_exit, spawn
-from .scoreboard import N_INT, READY, Running
+from .scoreboard import N_INT, Running
 from .settings import Settings
 
 log = logging.getLogger("rmqpool.supervisor")
@@ -244,7 +244,6 @@ class Supervisor:
     def _retire(self, worker: WorkerProcess) -> None:
         """Fold a dead process's counters into its slot and charge what it was running."""
         cells = worker.board.counters()
-        cells[READY] = 0
         totals = self.retired.setdefault(worker.slot, [0] * N_INT)
         for i, value in enumerate(cells):
             totals[i] += value

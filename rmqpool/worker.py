@@ -26,7 +26,7 @@ from .consumer import Consumer
 from .dispatch import Dispatcher
 from .handler import Handler
 from .publisher import Publisher
-from .scoreboard import READY, RECONNECTS, Scoreboard
+from .scoreboard import RECONNECTS, Scoreboard
 from .settings import BROKER_CONSUMER_TIMEOUT, Settings
 
 log = logging.getLogger("rmqpool.worker")
@@ -67,6 +67,7 @@ class Worker:
         self.drain_deadline: float | None = None  # seconds to drain, once asked to stop
         self._stop = asyncio.Event()
         self._lost = False  # stopping on our own (consumer cancelled by the broker)
+        self._consuming = False  # so a lost connection is logged once, not per retry
         self._verdicts: dict[int, asyncio.Future[control.Verdict]] = {}
         self._tiers: dict[float, str] = {}
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -75,7 +76,8 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop,
+                                self.settings.graceful_timeout)
         await self.control.open()
         side = [asyncio.create_task(self._beat()), asyncio.create_task(self._commands())]
         try:
@@ -108,12 +110,6 @@ class Worker:
             for task in side:
                 task.cancel()
 
-    def _on_sigterm(self) -> None:
-        if os.getppid() != self.supervisor_pid:  # the parent-death signal
-            self._orphaned("the supervisor is gone (parent-death signal)")
-        else:
-            self.request_stop(self.settings.graceful_timeout)
-
     def request_stop(self, deadline: float) -> None:
         if self.drain_deadline is None or deadline < self.drain_deadline:
             self.drain_deadline = deadline
@@ -121,21 +117,20 @@ class Worker:
 
     def _consumer_lost(self, why: str) -> None:
         log.error("%s; restarting this worker", why)
-        self.board.ints[READY] = 0
+        self._consuming = False
         self.control.send(control.NOTREADY, why=why)
         self._lost = True
         self.request_stop(self.settings.graceful_timeout)
 
     def _ready(self) -> None:
-        self.board.ints[READY] = 1
+        self._consuming = True
         self.control.send(control.READY)
         log.info("consuming %r (prefetch %d, concurrency %d)", self.settings.queue,
                  self.settings.prefetch, self.settings.concurrency)
 
     def _not_ready(self, _sender: Any = None, exc: BaseException | None = None) -> None:
-        was_ready = bool(self.board.ints[READY])
-        self.board.ints[READY] = 0
-        if self._stop.is_set() or not was_ready:
+        was_consuming, self._consuming = self._consuming, False
+        if self._stop.is_set() or not was_consuming:
             return  # log the loss once, not on every failed reconnect attempt
         why = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
         self.control.send(control.NOTREADY, why=why)
@@ -246,7 +241,7 @@ class Worker:
         return name
 
     async def _close(self) -> None:
-        self.board.ints[READY] = 0
+        self._consuming = False
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), 5.0)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from rmqpool import control
-from rmqpool.dispatch import message_key, settled_key
+from rmqpool.dispatch import keys
 from rmqpool.handler import Handler
 from rmqpool.outcome import Action
 from rmqpool.process import WorkerProcess
@@ -82,8 +82,8 @@ def test_a_crash_beside_others_charges_nobody_and_makes_suspects(sup):
 def test_keys_are_per_attempt():
     raw = SimpleNamespace(body=b"{}", header=SimpleNamespace(
         properties=SimpleNamespace(message_id="abc")))
-    assert message_key(raw, 1) != message_key(raw, 2)
-    assert settled_key(raw, 1) == message_key(raw, 1)
+    assert keys(raw, 1)[0] != keys(raw, 2)[0]
+    assert keys(raw, 1)[1] == keys(raw, 1)[0]
     anonymous = SimpleNamespace(body=b"{}", header=SimpleNamespace(
         properties=SimpleNamespace(message_id=None)))
-    assert settled_key(anonymous, 1) == 0 and message_key(anonymous, 1) != 0
+    assert keys(anonymous, 1)[1] == 0 and keys(anonymous, 1)[0] != 0
