@@ -210,10 +210,7 @@ def test_unreachable_broker_is_retried_with_backoff_until_stopped(queue, tmp_pat
         assert status == 503, body
         assert pool.get("/healthz")[0] == 200
         assert len(pool.worker_pids()) == 1
-        t0 = time.monotonic()
-        pool.signal(signal.SIGTERM)
-        code = pool.wait(10)
-        elapsed = time.monotonic() - t0
+        code, elapsed = pool.stop_with(signal.SIGTERM, 10)
         out = pool.log()
     assert code == 0, out
     assert elapsed < 2, f"SIGTERM took {elapsed:.1f}s while the broker was unreachable"
@@ -257,10 +254,7 @@ def test_sigterm_while_the_broker_handshake_hangs_exits_promptly(queue, tmp_path
               env={"RECORD_FILE": str(tmp_path / "r")}) as pool:
         accepted.append(srv.accept()[0])  # the worker is now waiting for Connection.Start
         assert pool.get("/readyz")[0] == 503
-        t0 = time.monotonic()
-        pool.signal(signal.SIGTERM)
-        code = pool.wait(20)
-        elapsed = time.monotonic() - t0
+        code, elapsed = pool.stop_with(signal.SIGTERM, 20)
         out = pool.log()
     assert code == 0, out
     assert elapsed < 3, f"SIGTERM took {elapsed:.1f}s while a connection attempt hung\n{out}"

@@ -46,10 +46,7 @@ def test_sigterm_drains_in_flight_and_leaves_the_rest_in_the_queue(queue, record
               env=_env(record_file)) as pool:
         # Both workers hold 5 prefetched messages each, one of them in the handler.
         wait_for(lambda: len(_started(record_file)) >= 2, 20, "two handlers running")
-        t0 = time.monotonic()
-        pool.signal(signal.SIGTERM)
-        code = pool.wait(graceful + 10)
-        elapsed = time.monotonic() - t0
+        code, elapsed = pool.stop_with(signal.SIGTERM, graceful + 10)
         log = pool.log()
     assert code == 0, log
     assert elapsed < graceful, f"took {elapsed:.1f}s, graceful timeout {graceful}s\n{log}"
@@ -111,10 +108,7 @@ def test_graceful_timeout_exceeded_exits_1_and_requeues(queue, record_file, tmp_
     with Pool(BEHAVE, "--queue", queue, "--workers", "2", "--prefetch", "2",
               "--graceful-timeout", "1", tmp_path=tmp_path, env=_env(record_file)) as pool:
         wait_for(lambda: len(_started(record_file)) >= 2, 20, "two handlers running")
-        t0 = time.monotonic()
-        pool.signal(signal.SIGTERM)
-        code = pool.wait(15)
-        elapsed = time.monotonic() - t0
+        code, elapsed = pool.stop_with(signal.SIGTERM, 15)
         log = pool.log()
     assert code == 1, log
     assert elapsed < 1 + 5, f"took {elapsed:.1f}s with --graceful-timeout 1\n{log}"
@@ -132,10 +126,7 @@ def test_sigquit_stops_at_once_and_acks_nothing_unfinished(queue, record_file, t
     with Pool(BEHAVE, "--queue", queue, "--workers", "2", "--prefetch", "5",
               "--graceful-timeout", "60", tmp_path=tmp_path, env=_env(record_file)) as pool:
         wait_for(lambda: len(_done(record_file)) >= 6, 20, "some messages done")
-        t0 = time.monotonic()
-        pool.signal(signal.SIGQUIT)
-        code = pool.wait(10)
-        elapsed = time.monotonic() - t0
+        code, elapsed = pool.stop_with(signal.SIGQUIT, 10)
         log = pool.log()
     assert code == 1, log
     assert elapsed < 2, f"SIGQUIT took {elapsed:.1f}s"

@@ -112,6 +112,13 @@ class Pool:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
+    def stop_with(self, sig: int, timeout: float) -> tuple[int, float]:
+        """Send `sig` and wait for the exit: (exit code, seconds it took)."""
+        t0 = time.monotonic()
+        self.signal(sig)
+        code = self.wait(timeout)
+        return code, time.monotonic() - t0
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:
