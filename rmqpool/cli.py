@@ -12,6 +12,7 @@ from . import __version__, exitcodes
 from . import log as rlog
 from .handler import HandlerError, load
 from .settings import OPTIONS, SettingsError, resolve
+from .signals import SignalQueue
 
 EPILOG = """\
 signals to the supervisor:
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         _fail(str(exc))
     rlog.setup(settings.log_level, settings.log_format)
+    signals = SignalQueue().install()  # a signal during a slow import waits for the loop
     try:
         handler = load(settings.handler)
     except HandlerError as exc:
@@ -72,6 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .supervisor import Supervisor  # after setup(): SPT_NOENV before setproctitle
 
     try:
-        return Supervisor(settings, handler).run()
+        return Supervisor(settings, handler, signals).run()
     except SettingsError as exc:  # the metrics port cannot be bound
         _fail(str(exc))

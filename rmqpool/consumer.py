@@ -1,8 +1,8 @@
 """Consuming one queue: per-consumer prefetch, a bounded number of handlers in
 flight, batched acks, and the drain sequence.
 
-    broker -> _on_delivery -> inbox -> N executors -> results -> settler -> ack
-                                     (threads for sync handlers,
+    broker -> _on_delivery -> inbox -> N executors -> results -> Settler -> copy, ack
+                                     (threads for sync handlers,    (settle.py)
                                       tasks for async handlers)
 
 Deliveries are taken from aiormq's channel directly (aio-pika's IncomingMessage
@@ -31,68 +31,25 @@ from aiormq.abc import DeliveredMessage
 
 from . import exitcodes
 from .broker_errors import BROKER_ERRORS
-from .dispatch import Attempt, Dispatcher, tag_of
+from .dispatch import Attempt, Dispatcher
+from .settle import Settler
 
 log = logging.getLogger("rmqpool.consumer")
 
 
-class Acker:
-    """Acks settled deliveries of the current channel. A batch that is exactly the oldest
-    unsettled deliveries is acked with one ack(multiple=True); anything else one by one
-    (multiple=True must never cover a message still being handled)."""
-
-    def __init__(self) -> None:
-        self._channel: aiormq.abc.AbstractChannel | None = None
-        self._outstanding: dict[int, None] = {}  # delivery tags, in delivery order
-
-    def received(self, raw: DeliveredMessage) -> None:
-        if raw.channel is not self._channel:  # a new channel numbers deliveries from 1
-            self._channel, self._outstanding = raw.channel, {}
-        self._outstanding[tag_of(raw)] = None
-
-    async def ack(self, raws: list[DeliveredMessage], wait: bool = False) -> None:
-        """wait=True: return once the frame is written to the socket (before a worker
-        might die running the next message)."""
-        channel = self._channel
-        tags = sorted(tag_of(raw) for raw in raws if raw.channel is channel)
-        if channel is None or not tags or channel.is_closed:
-            return
-        oldest = iter(self._outstanding)
-        contiguous = all(next(oldest, None) == tag for tag in tags)
-        for tag in tags:
-            del self._outstanding[tag]
-        try:
-            if contiguous:
-                await channel.basic_ack(tags[-1], multiple=len(tags) > 1, wait=wait)
-            else:
-                for tag in tags:
-                    await channel.basic_ack(tag, wait=wait)
-        except BROKER_ERRORS:
-            pass  # the channel closed under us: the broker requeues, the redelivery counts
-
-    async def nack(self, raw: DeliveredMessage) -> None:
-        """Return a delivery to the queue."""
-        if raw.channel is not self._channel or raw.channel.is_closed:
-            return
-        self._outstanding.pop(tag_of(raw), None)
-        try:
-            await raw.channel.basic_nack(tag_of(raw), requeue=True)
-        except BROKER_ERRORS:
-            pass
-
-
 class Consumer:
     def __init__(self, channel: aio_pika.abc.AbstractRobustChannel, queue_name: str,
-                 dispatcher: Dispatcher, concurrency: int, on_ready: Callable[[], None],
-                 on_lost: Callable[[str], None]):
+                 dispatcher: Dispatcher, settler: Settler, concurrency: int,
+                 on_ready: Callable[[], None], on_lost: Callable[[str], None]):
         self._channel = channel
         self._queue = queue_name
         self._dispatcher = dispatcher
+        self._settler = settler
         self._concurrency = concurrency
         self._threaded = not dispatcher.handler.is_async
         self._on_ready = on_ready
         self._on_lost = on_lost
-        self._acker = Acker()
+        self._acker = settler.acker
         self._inbox: queue.SimpleQueue[DeliveredMessage | None] | asyncio.Queue[
             DeliveredMessage | None]
         self._inbox = queue.SimpleQueue() if self._threaded else asyncio.Queue()
@@ -101,7 +58,7 @@ class Consumer:
         self._signalled = False
         self._settle_lock = asyncio.Lock()
         self._executors: list[asyncio.Future[None]] = []
-        self._settler: asyncio.Task[None] | None = None
+        self._settle_task: asyncio.Task[None] | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._tag: str | None = None
         self._draining = False
@@ -109,7 +66,7 @@ class Consumer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._settler = asyncio.create_task(self._settle_forever(), name="rmqpool-settler")
+        self._settle_task = asyncio.create_task(self._settle_forever(), name="rmqpool-settler")
         for index in range(self._concurrency):
             if self._threaded:
                 exited: asyncio.Future[None] = loop.create_future()
@@ -146,6 +103,7 @@ class Consumer:
     def _thread_main(self, index: int, exited: asyncio.Future[None]) -> None:
         inbox, run, loop = self._inbox, self._dispatcher.run_sync, self._loop
         assert isinstance(inbox, queue.SimpleQueue)
+        raw = None
         try:
             while (raw := inbox.get()) is not None:
                 if raw.channel.is_closed:
@@ -159,13 +117,14 @@ class Consumer:
                     self._push(attempt)
                     settled.wait()
         except BaseException:  # noqa: BLE001 - a bug: its message would stay unacked
-            _internal_error()
+            self._internal_error(raw, index)
         finally:
             loop.call_soon_threadsafe(_resolve, exited)
 
     async def _task_main(self, index: int) -> None:
         inbox, run = self._inbox, self._dispatcher.run_async
         assert isinstance(inbox, asyncio.Queue)
+        raw = None
         try:
             while (raw := await inbox.get()) is not None:
                 if raw.channel.is_closed:
@@ -179,7 +138,20 @@ class Consumer:
                     self._push(attempt)
                     await settled.wait()
         except Exception:  # noqa: BLE001 - a bug: its message would stay unacked
-            _internal_error()
+            self._internal_error(raw, index)
+
+    def _internal_error(self, raw: DeliveredMessage | None, index: int) -> None:
+        """A bug in rmqpool while handling `raw`: exit, with the message shown as running
+        so that its redeliveries are charged (the poison rule ends them, no crash loop)."""
+        log.critical("internal error handling a message; the worker exits and the broker "
+                     "redelivers its messages", exc_info=True)
+        if raw is not None:
+            try:
+                self._dispatcher.mark_failing(raw, index)
+            except Exception:  # noqa: BLE001 - exiting anyway
+                log.exception("could not mark the message")
+        logging.shutdown()
+        os._exit(exitcodes.INTERNAL)
 
     def _push(self, attempt: Attempt) -> None:
         """From a handler thread or the loop: hand a finished attempt to the settler,
@@ -210,9 +182,9 @@ class Consumer:
             return
         async with self._settle_lock:
             try:
-                await self._dispatcher.settle(batch, self._acker)
+                await self._settler.settle(batch)
             except Exception:  # noqa: BLE001 - a bug: these messages would stay unacked
-                _internal_error()
+                self._internal_error(None, 0)
 
     # -- draining ----------------------------------------------------------------------
     async def drain(self, timeout: float) -> bool:
@@ -238,7 +210,7 @@ class Consumer:
                       "go back to the queue unacked", timeout, len(running))
             return False
         await self._settle_pending()
-        republishing = self._dispatcher.republishing
+        republishing = self._settler.republishing
         if republishing:
             _, unconfirmed = await asyncio.wait(republishing, timeout=self._left(deadline))
             if unconfirmed:
@@ -266,9 +238,3 @@ def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
-
-def _internal_error() -> None:
-    log.critical("internal error handling a message; the worker exits and the broker "
-                 "redelivers its messages", exc_info=True)
-    logging.shutdown()
-    os._exit(exitcodes.INTERNAL)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
+# Longest delay Retry(delay=S) accepts: the broker holds retries in TTL queues.
+MAX_RETRY_DELAY = 7 * 24 * 3600.0
+
 
 class Reject(Exception):
     """Send the message straight to the dead-letter queue, without retries."""
@@ -15,8 +20,13 @@ class Retry(Exception):
     """Retry the message after `delay` seconds; counts as an attempt."""
 
     def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
-        if delay is not None and delay <= 0:
-            raise ValueError(f"Retry(delay={delay}): delay must be > 0 seconds")
+        # A bad delay is the handler's error, raised where the handler raises Retry.
+        if delay is not None:
+            if (isinstance(delay, bool) or not isinstance(delay, int | float)
+                    or not math.isfinite(delay) or not 0 < delay <= MAX_RETRY_DELAY):
+                raise ValueError(f"Retry(delay={delay!r}): delay must be a number of seconds "
+                                 f"above 0 and at most {MAX_RETRY_DELAY:g} (7 days)")
+            delay = float(delay)
         super().__init__(reason)
         self.delay = delay
 

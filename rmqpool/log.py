@@ -79,3 +79,9 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     logging.getLogger("aio_pika").setLevel(library_level)
     logging.getLogger("aiormq").setLevel(library_level)
     os.environ.setdefault("SPT_NOENV", "1")  # setproctitle must not clobber environ
+
+
+def message_event(raw: Any, queue: str, outcome: str, duration: float = -1.0) -> dict[str, Any]:
+    """The fields of a log line about one delivery (`raw`: aiormq's DeliveredMessage)."""
+    return {"message_id": raw.header.properties.message_id, "queue": queue,
+            "outcome": outcome, "duration": round(duration, 6) if duration >= 0 else None}

@@ -1,8 +1,16 @@
-"""The message object a handler receives as its optional second argument."""
+"""Reading a delivery: the handler's arguments, its attempt number and what identifies it.
+
+Everything here is total over what a client can publish: anything rmqpool cannot
+read (a body that is not what its content type says, a JSON document nested too
+deep, an attempt header that is not a small whole number) raises
+MalformedMessage and nothing else, so the message is dead-lettered as
+`malformed` instead of crashing its worker.
+"""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from typing import Any, cast
 
@@ -32,18 +40,62 @@ def decode_body(body: bytes, content_type: str | None, content_encoding: str | N
             "supported; publish JSON as UTF-8 text")
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise MalformedMessage(f"body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise MalformedMessage("body is JSON nested too deeply to decode") from None
+
+
+MAX_ATTEMPT = 1_000_000  # far above any --max-retries; a larger header is not ours
 
 
 def attempt_of(headers: dict[str, Any] | None) -> int:
-    """The attempt number of this delivery: 1 unless rmqpool retried it."""
-    if not headers:
+    """The attempt number of this delivery: 1 unless rmqpool retried it. A header that
+    rmqpool cannot have written is MalformedMessage."""
+    value = headers.get(H_ATTEMPT) if headers else None
+    if value is None:
         return 1
+    if type(value) is not int or not 1 <= value <= MAX_ATTEMPT:  # bool is not an attempt
+        raise MalformedMessage(
+            f"header {H_ATTEMPT} is {_short(value)} ({type(value).__name__}); rmqpool sets it "
+            f"to a whole number from 1 to {MAX_ATTEMPT}: don't set it when publishing")
+    return value
+
+
+def lenient_attempt(headers: dict[str, Any] | None) -> int:
+    """The attempt number, or 0 when the header is unreadable (for keys only)."""
     try:
-        return max(1, int(headers.get(H_ATTEMPT, 1)))
-    except (TypeError, ValueError):
-        return 1
+        return attempt_of(headers)
+    except MalformedMessage:
+        return 0
+
+
+def identify(raw: DeliveredMessage, attempt: int) -> tuple[int, int]:
+    """(message key, settled key) of one attempt of a message, for the supervisor.
+
+    A message is identified by its message_id, a digest of its body and the attempt
+    number together: producers reuse ids, and two different messages with one id must
+    never be taken for each other. The message key (never 0) tracks poison messages
+    across redeliveries; per attempt, so a time-limit kill is charged to the attempt it
+    killed and the retry copy starts clean. The settled key recognises the redelivery of
+    an attempt that was settled but whose ack was lost; only for messages with an id
+    (0 otherwise): two identical messages without an id are two messages, and must never
+    be skipped."""
+    mid = raw.header.properties.message_id
+    h = hashlib.blake2b(digest_size=8)
+    if mid:
+        encoded = mid.encode("utf-8", "surrogatepass")
+        h.update(len(encoded).to_bytes(4, "big"))
+        h.update(encoded)
+    h.update(attempt.to_bytes(4, "big"))
+    h.update(raw.body)
+    key = int.from_bytes(h.digest(), "big") or 1
+    return key, key if mid else 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Message:

@@ -15,7 +15,7 @@ import selectors
 import socket
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -29,22 +29,42 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from . import control, topology
 from . import scoreboard as sb
 from .outcome import REASONS
-
-if TYPE_CHECKING:
-    from .supervisor import Supervisor
+from .process import Restart, WorkerProcess
+from .settings import Settings
 
 log = logging.getLogger("rmqpool.metrics")
 
-RESTART_REASONS = ("crash", "killed", "heartbeat", "time_limit", "reload")
 DEPTH_STALE = 15.0  # queue depths older than this (3 polls) are not exported
 WORKER_STATES = ("desired", "running", "ready")
 
 
-def totals(sup: Supervisor) -> tuple[list[int], float]:
+class RetiredView(Protocol):
+    @property
+    def cells(self) -> dict[int, list[int]]: ...
+    @property
+    def duration_sum(self) -> dict[int, float]: ...
+
+
+class PoolView(Protocol):
+    """What the metrics and health endpoints read of the supervisor."""
+
+    settings: Settings
+    desired: int
+    state: str
+    last_loop: float
+    workers: dict[int, WorkerProcess]
+    active: dict[int, WorkerProcess]
+    restarts: dict[str, int]
+
+    @property
+    def retired(self) -> RetiredView: ...
+
+
+def totals(sup: PoolView) -> tuple[list[int], float]:
     """Counter cells summed over retired and live worker processes, and the duration sum."""
     cells = [0] * sb.N_INT
-    duration_sum = sum(sup.retired_duration_sum.values())
-    for retired in sup.retired.values():
+    duration_sum = sum(sup.retired.duration_sum.values())
+    for retired in sup.retired.cells.values():
         for i, v in enumerate(retired):
             cells[i] += v
     for worker in sup.workers.values():
@@ -55,7 +75,7 @@ def totals(sup: Supervisor) -> tuple[list[int], float]:
 
 
 class PoolCollector:
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: PoolView) -> None:
         self.sup = sup
 
     def collect(self) -> Iterator[Metric]:
@@ -99,8 +119,8 @@ class PoolCollector:
         yield workers
         restarts = CounterMetricFamily("rmqpool_worker_restarts",
                                        "Worker processes replaced, by reason", labels=["reason"])
-        for reason in sorted(set(RESTART_REASONS) | set(sup.restarts)):
-            restarts.add_metric([reason], sup.restarts.get(reason, 0))
+        for why in sorted(set(Restart) | set(sup.restarts)):
+            restarts.add_metric([why], sup.restarts.get(why, 0))
         yield restarts
         reconnects = CounterMetricFamily("rmqpool_broker_reconnects",
                                          "Reconnections of workers to the broker")
@@ -128,7 +148,7 @@ class PoolCollector:
         yield info
 
 
-def health(sup: Supervisor) -> dict[str, Any]:
+def health(sup: PoolView) -> dict[str, Any]:
     now = time.monotonic()
     return {
         "status": "ok",
@@ -144,8 +164,9 @@ class MetricsServer:
     """A tiny HTTP/1.0 server driven by the supervisor's selector: no thread, so fork
     stays safe. Each request is small; responses are written with a short timeout."""
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: PoolView) -> None:
         self.sup = sup
+        self._sel = selectors.DefaultSelector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(sup))
         s = sup.settings
@@ -155,15 +176,20 @@ class MetricsServer:
         self.sock.bind((s.metrics_host, s.metrics_port))
         self.sock.listen(64)
         self.sock.setblocking(False)
+        self._sel.register(self.sock.fileno(), selectors.EVENT_READ, self.handle)
         self._clients: dict[int, tuple[socket.socket, bytes, float]] = {}
         log.info("serving /metrics, /healthz and /readyz on http://%s:%d",
                  s.metrics_host, self.sock.getsockname()[1])
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self._sel.fileno()
 
-    def client_fds(self) -> list[int]:
-        return list(self._clients)
+    def fds(self) -> list[int]:
+        return [self.sock.fileno(), self._sel.fileno(), *self._clients]
+
+    def serve(self) -> None:
+        for key, _ in self._sel.select(0):
+            key.data()
 
     def handle(self) -> None:
         while True:
@@ -174,7 +200,7 @@ class MetricsServer:
             conn.setblocking(False)
             fd = conn.fileno()
             self._clients[fd] = (conn, b"", time.monotonic())
-            self.sup._selector.register(fd, selectors.EVENT_READ, functools.partial(self._read, fd))
+            self._sel.register(fd, selectors.EVENT_READ, functools.partial(self._read, fd))
             self._expire()
 
     def _expire(self) -> None:
@@ -185,7 +211,7 @@ class MetricsServer:
 
     def _drop(self, fd: int) -> None:
         conn, _, _ = self._clients.pop(fd)
-        self.sup._selector.unregister(fd)
+        self._sel.unregister(fd)
         conn.close()
 
     def _read(self, fd: int) -> None:
@@ -203,7 +229,7 @@ class MetricsServer:
         if b"\r\n\r\n" not in buf and b"\n\n" not in buf and len(buf) < 16384:
             self._clients[fd] = (conn, buf, since)
             return
-        self.sup._selector.unregister(fd)
+        self._sel.unregister(fd)
         del self._clients[fd]
         try:
             conn.setblocking(True)

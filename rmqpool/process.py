@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
 
 from . import control, exitcodes, topology
 from . import log as rlog
@@ -34,6 +36,59 @@ _RESET_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTTIN,
                   signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
 
 
+class Kill(StrEnum):
+    """Why the supervisor killed a worker."""
+
+    HEARTBEAT = "heartbeat"  # its event loop stopped beating
+    TIME_LIMIT = "time_limit"  # a sync handler overran --time-limit
+    DRAIN_TIMEOUT = "drain_timeout"  # it did not finish draining in time
+    SHUTDOWN = "shutdown"  # second stop signal or SIGQUIT
+
+
+class Restart(StrEnum):
+    """Why a slot's worker was replaced (rmqpool_worker_restarts_total{reason})."""
+
+    CRASH = "crash"  # it exited on its own
+    KILLED = "killed"  # a signal from outside (OOM killer, kill -9)
+    HEARTBEAT = "heartbeat"
+    TIME_LIMIT = "time_limit"
+    RELOAD = "reload"
+
+
+class ExitKind(StrEnum):
+    DRAINED = "drained"  # asked to drain; finished and acked everything
+    DRAIN_LOST = "drain_lost"  # asked to drain (or to stop), but unfinished work went back
+    FATAL = "fatal"  # it reported a configuration the pool cannot work with
+    RESTART = "restart"  # unexpected: its slot gets a new worker
+
+
+@dataclass(frozen=True)
+class ExitVerdict:
+    kind: ExitKind
+    restart: Restart | None = None  # for RESTART
+
+
+def classify_exit(status: int, *, asked_to_drain: bool, kill: Kill | None,
+                  fatal: bool) -> ExitVerdict:
+    """What a worker's exit means, from its wait status and what the supervisor knows.
+
+    A worker that was asked to drain is never restarted (its slot has been replaced or
+    the pool is stopping); it drained only if it exited 0 on its own: a non-zero code,
+    a signal (OOM, kill -9) or a kill for overrunning the drain sent work back."""
+    if fatal:
+        return ExitVerdict(ExitKind.FATAL)
+    if asked_to_drain or kill in (Kill.DRAIN_TIMEOUT, Kill.SHUTDOWN):
+        clean = kill is None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        return ExitVerdict(ExitKind.DRAINED if clean else ExitKind.DRAIN_LOST)
+    if kill is Kill.HEARTBEAT:
+        return ExitVerdict(ExitKind.RESTART, Restart.HEARTBEAT)
+    if kill is Kill.TIME_LIMIT:
+        return ExitVerdict(ExitKind.RESTART, Restart.TIME_LIMIT)
+    if os.WIFSIGNALED(status):
+        return ExitVerdict(ExitKind.RESTART, Restart.KILLED)
+    return ExitVerdict(ExitKind.RESTART, Restart.CRASH)
+
+
 class WorkerProcess:
     def __init__(self, slot: int, generation: int, pid: int, end: control.SupervisorEnd,
                  board: Scoreboard) -> None:
@@ -47,8 +102,9 @@ class WorkerProcess:
         self.ready = False
         self.was_ready = False  # consumed at least once: not ready now means reconnecting
         self.draining_since: float | None = None
-        self.kill_reason: str | None = None  # why the supervisor killed it, if it did
+        self.kill_reason: Kill | None = None  # why the supervisor killed it, if it did
         self.fatal: tuple[int, str] | None = None
+        self.charged: bool | None = None  # its death charged to messages: to one (True)
 
     def __repr__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
@@ -71,9 +127,9 @@ class WorkerProcess:
         if self.draining_since is None:
             self.draining_since = time.monotonic()
             self.ready = False
-            self.end.send(control.DRAIN)
+            self.end.send({"t": "drain"})
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: Kill) -> None:
         if self.kill_reason is None:
             self.kill_reason = reason
         try:

@@ -28,14 +28,16 @@ class Publisher:
 
     async def republish(self, raw: DeliveredMessage, routing_key: str,
                         headers: FieldTable) -> None:
-        """Publish `raw`'s body, byte-identical, with its properties and new headers."""
+        """Publish `raw`'s body, byte-identical, with its properties and new headers. Not
+        user_id (the broker refuses one that is not the pool's user) nor expiration (a
+        copy must not vanish): copy_headers() keeps both in headers."""
         src = raw.header.properties
         props = spec.Basic.Properties(
             content_type=src.content_type, content_encoding=src.content_encoding,
             headers=headers, delivery_mode=2, priority=src.priority,
             correlation_id=src.correlation_id, reply_to=src.reply_to,
             message_id=src.message_id, timestamp=src.timestamp,
-            message_type=src.message_type, user_id=src.user_id, app_id=src.app_id)
+            message_type=src.message_type, app_id=src.app_id)
         try:
             channel = await asyncio.wait_for(self._channel.get_underlay_channel(), self._timeout)
             confirm = await channel.basic_publish(

@@ -19,7 +19,7 @@ import mmap
 import time
 from dataclasses import dataclass
 
-from .outcome import REASONS, Action
+from .outcome import REASONS, Action, Reason
 
 # Handler duration histogram bucket upper bounds, seconds (CPU-heavy work: up to 5 min).
 BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -75,9 +75,9 @@ class Scoreboard:
         self._mm.close()
 
     # -- written by the worker ------------------------------------------------
-    def settle(self, action: Action, reason: str, duration: float, first_attempt: bool,
-               settled_key: int = 0) -> None:
-        """Count an outcome. `settled_key` (see dispatch.settled_key) goes into a ring of
+    def settle(self, action: Action, reason: Reason | None, duration: float,
+               first_attempt: bool, settled_key: int = 0) -> None:
+        """Count an outcome. `settled_key` (see message.identify) goes into a ring of
         recently settled messages: if this worker dies before the ack reaches the broker,
         the redelivery is recognised and acked without running or counting it again."""
         ints = self.ints
@@ -134,8 +134,12 @@ class Scoreboard:
                 out.append(Running(key, self.floats[base + 1], mid))
         return out
 
-    def recently_settled(self) -> set[int]:
-        return {k for k in self.ints[self._ring:self._ring + RING] if k}
+    def settled_since(self, position: int) -> tuple[int, list[int]]:
+        """(the ring's position now, the settled keys written since `position`): at most
+        RING of them, the older ones being overwritten already."""
+        now = int(self.ints[self._ring_pos])
+        ring, start = self._ring, max(position, now - RING)
+        return now, [int(self.ints[ring + pos % RING]) for pos in range(start, now)]
 
     def counters(self) -> list[int]:
         return list(self.ints[:N_INT])

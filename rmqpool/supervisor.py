@@ -1,12 +1,15 @@
 """The supervisor process: synchronous, no event loop, no AMQP connection.
 
-Its main loop is four named steps, run at least every LOOP_INTERVAL seconds and
-whenever a signal, a worker message or an HTTP request arrives:
+Its main loop waits for events, then runs named steps, in this order, at least
+every LOOP_INTERVAL seconds:
 
-    handle signals -> reap dead workers -> check health -> reconcile slots
+    wait (collect only) -> signals -> control messages -> reap -> answer asks
+    -> http -> health -> reconcile
 
-Signal handlers only record the signal (a wakeup fd wakes the loop); all work,
-logging included, happens in the loop.
+Only `_wait` touches the selector's ready list; each step handles what it
+collected. Workers are reaped in one place, and questions about redelivered
+messages are answered after it, so a death in the same batch is already known.
+Signal handlers only record the signal (signals.py).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import setproctitle
 
 from . import control, exitcodes
 from . import handler as handler_mod
-from .process import WorkerProcess, describe_exit, spawn
-from .scoreboard import N_INT, Running
+from .outcome import Death
+from .process import ExitKind, Kill, Restart, WorkerProcess, classify_exit, describe_exit, spawn
+from .scoreboard import N_INT, Running, Scoreboard
 from .settings import Settings
+from .signals import SignalQueue
 
 log = logging.getLogger("rmqpool.supervisor")
 
@@ -35,15 +40,123 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this is "dying soon after sta
 MAX_BACKOFF = 30.0
 KILL_GRACE = 5.0  # beyond --graceful-timeout, for the worker to close its connection
 MAX_CHARGES = 10_000  # poison-tracking entries kept (oldest dropped first)
-SETTLED_MEMORY = 600.0  # seconds a dead worker's settled messages are remembered
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+SETTLED_MEMORY = 600.0  # seconds a settled message is remembered after it was seen
 
 RUNNING, STOPPING = "running", "stopping"
+_WAKEUP, _HTTP = "wakeup", "http"  # selector tags; a worker's tag is its WorkerProcess
+
+
+class PoisonLedger:
+    """Worker deaths charged to messages, by message key (bounded, oldest dropped)."""
+
+    def __init__(self, limit: int = MAX_CHARGES) -> None:
+        self._limit = limit
+        self._charges: dict[int, tuple[int, str, bool]] = {}  # key -> deaths, reason, suspect
+
+    def charge(self, keys: list[int], reason: str, certain: bool) -> None:
+        """A worker died running `keys`. When several ran and any may have done it, none is
+        charged: each becomes a suspect and runs alone next time, where a death is certain."""
+        for key in keys:
+            deaths, _, _ = self._charges.pop(key, (0, "", False))
+            self._charges[key] = (deaths + certain, reason, not certain)
+        while len(self._charges) > self._limit:
+            del self._charges[next(iter(self._charges))]
+
+    def get(self, key: int) -> tuple[int, str, bool]:
+        return self._charges.get(key, (0, "", False))
+
+
+class SettledIndex:
+    """Settled keys of every worker, read incrementally from their scoreboards' rings, so
+    that asking about a message costs O(1) however many workers and asks there are. A
+    key is remembered SETTLED_MEMORY seconds after it was read (MAX_CHARGES at most)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, float] = {}  # key -> when read, oldest first
+        self._read_to: dict[int, int] = {}  # pid -> ring position read up to
+
+    def absorb(self, pid: int, board: Scoreboard, now: float) -> None:
+        position, keys = board.settled_since(self._read_to.get(pid, 0))
+        self._read_to[pid] = position
+        for key in keys:
+            if key:
+                self._keys.pop(key, None)
+                self._keys[key] = now
+        while self._keys and (len(self._keys) > MAX_CHARGES
+                              or now - next(iter(self._keys.values())) > SETTLED_MEMORY):
+            del self._keys[next(iter(self._keys))]
+
+    def forget(self, pid: int) -> None:
+        self._read_to.pop(pid, None)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._keys
+
+
+class Backoff:
+    """Restart delays for slots whose workers cannot start: a worker that dies within
+    MIN_UPTIME of its start, with no message to blame, makes the next start wait
+    (0.5 s doubling to MAX_BACKOFF). A death charged to a message (poison, time limit,
+    a blocked loop while one message ran) is the message's fault: no backoff."""
+
+    def __init__(self) -> None:
+        self._quick_deaths: dict[int, int] = {}
+        self._not_before: dict[int, float] = {}
+
+    def died(self, slot: int, uptime: float, blamed_message: bool, now: float) -> float:
+        quick = uptime < MIN_UPTIME and not blamed_message
+        deaths = self._quick_deaths.get(slot, 0) + 1 if quick else 0
+        self._quick_deaths[slot] = deaths
+        delay = 0.0 if deaths <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (deaths - 2))
+        self._not_before[slot] = now + delay
+        return delay
+
+    def quick_deaths(self, slot: int) -> int:
+        return self._quick_deaths.get(slot, 0)
+
+    def may_start(self, slot: int, now: float) -> bool:
+        return now >= self._not_before.get(slot, 0.0)
+
+
+class Reload:
+    """A rolling restart in progress: the slots still to replace, and the new worker of
+    the slot being replaced (consuming before the old one drains)."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.slots: deque[int] = deque()
+        self.replacing: dict[int, WorkerProcess] = {}  # slot -> its new worker
+
+    def begin(self, slots: list[int]) -> list[WorkerProcess]:
+        """Start a new generation; returns the replacements started for the previous one
+        (running old code), to be drained."""
+        self.generation += 1
+        stale = list(self.replacing.values())
+        self.replacing.clear()
+        self.slots = deque(sorted(slots))
+        return stale
+
+    def cancel(self) -> None:
+        self.slots.clear()
+
+
+class Retired:
+    """Counters of dead worker processes, per slot, so totals never go backwards."""
+
+    def __init__(self) -> None:
+        self.cells: dict[int, list[int]] = {}
+        self.duration_sum: dict[int, float] = {}
+
+    def add(self, slot: int, board: Scoreboard) -> None:
+        totals = self.cells.setdefault(slot, [0] * N_INT)
+        for i, value in enumerate(board.counters()):
+            totals[i] += value
+        self.duration_sum[slot] = self.duration_sum.get(slot, 0.0) + board.duration_sum()
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, handler: handler_mod.Handler) -> None:
+    def __init__(self, settings: Settings, handler: handler_mod.Handler,
+                 signals: SignalQueue | None = None) -> None:
         self.settings = settings
         self.handler = handler
         self.desired = settings.workers
@@ -51,40 +164,39 @@ class Supervisor:
         self.exit_code = exitcodes.OK
         self.workers: dict[int, WorkerProcess] = {}  # pid -> process (all, incl. draining)
         self.active: dict[int, WorkerProcess] = {}  # slot -> the process serving it
-        self.replacing: dict[int, WorkerProcess] = {}  # slot -> new process during a reload
-        self.reload_queue: deque[int] = deque()
-        self.generation = 0
-        self.failures: dict[int, int] = {}  # slot -> consecutive quick deaths
-        self.not_before: dict[int, float] = {}  # slot -> earliest restart time
-        # Counters of dead worker processes, per slot, so totals never go backwards.
-        self.retired: dict[int, list[int]] = {}
-        self.retired_duration_sum: dict[int, float] = {}
+        self.reload = Reload()
+        self.backoff = Backoff()
+        self.poison = PoisonLedger()
+        self.settled = SettledIndex()
+        self.retired = Retired()
         self.restarts: dict[str, int] = {}
-        # message key -> (deaths charged, reason of the last, a suspect of an uncharged one)
-        self.charges: dict[int, tuple[int, str, bool]] = {}
-        self.settled_by_dead: dict[int, float] = {}  # settled key -> when its worker died
         self.started_at = time.monotonic()
         self.last_loop = self.started_at
-        self._signals: deque[int] = deque()
+        self.signals = signals or SignalQueue()
         self._selector = selectors.DefaultSelector()
-        self._wakeup_r, self._wakeup_w = os.pipe()
-        self._extra_fds: list[int] = []  # closed in every forked worker
+        self._asks: list[tuple[WorkerProcess, control.Ask]] = []
+        self._http_ready = False
         self._http: Any = None
 
     # -- the main loop --------------------------------------------------------------
     def run(self) -> int:
-        self._install_signals()
+        self.signals.install()  # again: harmless if the CLI did it before the import
+        self._selector.register(self.signals.fileno(), selectors.EVENT_READ, _WAKEUP)
         self._start_http()
         self._title()
         log.info("rmqpool %s starting %d worker(s) for %s on queue %r at %s",
                  _version(), self.desired, self.handler.spec, self.settings.queue,
                  self.settings.safe_url)
+        self._handle_signals()  # any that arrived while the handler was imported
         self._reconcile()  # start the workers now, not after the first wait
         while self.state == RUNNING or self.workers:
-            self._wait(LOOP_INTERVAL)
+            ready = self._wait(LOOP_INTERVAL)
             self.last_loop = time.monotonic()
             self._handle_signals()
+            self._read_control(ready)
             self._reap()
+            self._answer_asks()
+            self._serve_http()
             self._check_health()
             self._reconcile()
         if self._http is not None:
@@ -92,33 +204,21 @@ class Supervisor:
         log.info("supervisor exiting: %s", exitcodes.DESCRIPTIONS.get(self.exit_code, ""))
         return self.exit_code
 
-    def _wait(self, timeout: float) -> None:
+    def _wait(self, timeout: float) -> list[WorkerProcess]:
+        """Collect what is ready; handle nothing. Returns the workers with control data."""
+        workers = []
         for key, _ in self._selector.select(timeout):
-            key.data()
+            if key.data is _WAKEUP:
+                self.signals.clear_wakeup()
+            elif key.data is _HTTP:
+                self._http_ready = True
+            else:
+                workers.append(key.data)
+        return workers
 
     # -- signals ----------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        os.set_blocking(self._wakeup_w, False)
-        os.set_blocking(self._wakeup_r, False)
-        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, self._record_signal)
-        self._selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
-        self._extra_fds += [self._wakeup_r, self._wakeup_w, self._selector.fileno()]
-
-    def _record_signal(self, signum: int, _frame: Any) -> None:
-        self._signals.append(signum)  # NO logging, no work: the loop does it
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self._wakeup_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
     def _handle_signals(self) -> None:
-        while self._signals:
-            signum = self._signals.popleft()
+        for signum in self.signals.pop_all():
             action = self._signal_actions.get(signum)
             if action is not None:
                 action(self)
@@ -146,13 +246,10 @@ class Supervisor:
         except handler_mod.HandlerError as exc:
             log.error("reload failed, keeping the running workers: %s", exc)
             return
-        self.generation += 1
-        for stale in self.replacing.values():  # started for the previous reload: old code
+        for stale in self.reload.begin(list(self.active)):  # old code: drain
             stale.drain()
-        self.replacing.clear()
-        self.reload_queue = deque(sorted(self.active))
         log.info("SIGHUP: reloaded %s (%d module(s)); rolling restart of %d worker(s)",
-                 self.handler.spec, len(forgotten), len(self.reload_queue))
+                 self.handler.spec, len(forgotten), len(self.reload.slots))
 
     def _on_ttin(self) -> None:
         self.desired += 1
@@ -160,8 +257,10 @@ class Supervisor:
         self._title()
 
     def _on_ttou(self) -> None:
-        if self.desired > 1:
-            self.desired -= 1
+        if self.desired <= 1:
+            log.info("SIGTTOU: already at 1 worker; not scaling down (SIGTERM stops the pool)")
+            return
+        self.desired -= 1
         log.info("SIGTTOU: %d worker(s) wanted", self.desired)
         self._title()
 
@@ -179,7 +278,7 @@ class Supervisor:
         if self.state == RUNNING:
             self.state = STOPPING
             self.exit_code = max(self.exit_code, code)
-            self.reload_queue.clear()
+            self.reload.cancel()
             for worker in self.workers.values():
                 worker.drain()
 
@@ -187,7 +286,71 @@ class Supervisor:
         self.state = STOPPING
         self.exit_code = max(self.exit_code, code)
         for worker in self.workers.values():
-            worker.kill("shutdown")
+            self._kill(worker, Kill.SHUTDOWN)
+
+    # -- control channel ----------------------------------------------------------------
+    def _read_control(self, ready: list[WorkerProcess]) -> None:
+        for worker in ready:
+            if worker.pid not in self.workers:
+                continue  # reaped since (cannot happen within one pass; cheap to check)
+            messages = worker.end.receive()
+            if messages is None:  # EOF: it is exiting; the reaper will say why
+                self._selector.unregister(worker.end.fileno())
+                self._charge_death(worker)  # before its messages are redelivered and asked
+                continue
+            self._dispatch_control(worker, messages)
+
+    def _dispatch_control(self, worker: WorkerProcess,
+                          messages: list[control.ToSupervisor]) -> None:
+        for msg in messages:
+            self._control_actions[msg["t"]](self, worker, msg)
+
+    def _on_beat(self, worker: WorkerProcess, _msg: Any) -> None:
+        worker.last_beat = time.monotonic()
+
+    def _on_ready(self, worker: WorkerProcess, _msg: Any) -> None:
+        worker.last_beat = time.monotonic()
+        if worker.draining_since is None:
+            worker.ready = worker.was_ready = True
+
+    def _on_notready(self, worker: WorkerProcess, _msg: Any) -> None:
+        worker.ready = False
+
+    def _on_fatal(self, worker: WorkerProcess, msg: control.Fatal) -> None:
+        worker.fatal = (msg["code"], msg["why"])
+
+    def _on_ask(self, worker: WorkerProcess, msg: control.Ask) -> None:
+        self._asks.append((worker, msg))  # answered after reaping
+
+    def _on_charge(self, worker: WorkerProcess, msg: control.Charge) -> None:
+        log.error("%s: rmqpool failed settling a message; charged to it like a worker death",
+                  worker)
+        self.poison.charge([msg["key"]], msg["reason"], certain=True)
+
+    _control_actions: dict[str, Callable[[Supervisor, WorkerProcess, Any], None]] = {
+        "beat": _on_beat,
+        "ready": _on_ready,
+        "notready": _on_notready,
+        "fatal": _on_fatal,
+        "ask": _on_ask,
+        "charge": _on_charge,
+    }
+
+    def _answer_asks(self) -> None:
+        if not self._asks:
+            return
+        now = time.monotonic()
+        for worker in self.workers.values():  # O(settled since the last ask), not O(ring)
+            self.settled.absorb(worker.pid, worker.board, now)
+        for worker, msg in self._asks:
+            if worker.pid not in self.workers:
+                continue
+            deaths, reason, suspect = self.poison.get(msg["key"])
+            # Settled, yet redelivered: its ack was lost with a connection or a worker.
+            settled = bool(msg["skey"]) and msg["skey"] in self.settled
+            worker.end.send({"t": "verdict", "key": msg["key"], "deaths": deaths,
+                             "reason": reason, "settled": settled, "suspect": suspect})
+        self._asks.clear()
 
     # -- reaping --------------------------------------------------------------------------
     def _reap(self) -> None:
@@ -203,65 +366,66 @@ class Supervisor:
                 self._on_exit(worker, status)
 
     def _on_exit(self, worker: WorkerProcess, status: int) -> None:
-        while messages := worker.end.receive():  # a FATAL sent just before exiting
+        if (messages := worker.end.receive()) is not None:  # a FATAL sent just before exiting
             self._dispatch_control(worker, messages)
+        self._charge_death(worker)
         self._retire(worker)
         slot = worker.slot
         if self.active.get(slot) is worker:
             del self.active[slot]
-            if slot in self.replacing:  # mid-reload: its replacement takes the slot now
-                self.active[slot] = self.replacing.pop(slot)
-        if self.replacing.get(slot) is worker:
-            del self.replacing[slot]
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            if slot in self.reload.replacing:  # mid-reload: its replacement takes the slot
+                self.active[slot] = self.reload.replacing.pop(slot)
+        if self.reload.replacing.get(slot) is worker:
+            del self.reload.replacing[slot]
         how = (f"killed by the supervisor ({worker.kill_reason})" if worker.kill_reason
                else describe_exit(status))
-        expected = worker.draining_since is not None and worker.kill_reason is None
-        if worker.fatal is not None:  # said so itself; a bare exit code 3 is a crash
+        verdict = classify_exit(status, asked_to_drain=worker.draining_since is not None,
+                                kill=worker.kill_reason, fatal=worker.fatal is not None)
+        if verdict.kind is ExitKind.FATAL:
+            assert worker.fatal is not None
             if self.state == RUNNING:
                 log.error("%s cannot work (%s): stopping the pool", worker, worker.fatal[1])
             self.stop(worker.fatal[0])
-            return
-        if expected:
-            log.info("%s exited after draining (%s)", worker, how)
-            if code not in (exitcodes.OK, None) and self.state == STOPPING:
+        elif verdict.kind is ExitKind.DRAINED:
+            log.info("%s exited after draining", worker)
+        elif verdict.kind is ExitKind.DRAIN_LOST or self.state == STOPPING:
+            log.warning("%s %s while draining: its unfinished messages went back to the "
+                        "queue unacked", worker, how)
+            if self.state == STOPPING:
                 self.exit_code = max(self.exit_code, exitcodes.FORCED)
+        else:
+            assert verdict.restart is not None
+            self._count_restart(verdict.restart)
+            uptime = time.monotonic() - worker.started_at
+            delay = self.backoff.died(slot, uptime, bool(worker.charged), time.monotonic())
+            log.error("%s %s after %.1fs; restarting%s", worker, how, uptime,
+                      f" in {delay:g}s ({self.backoff.quick_deaths(slot)} quick deaths in a "
+                      "row)" if delay else "")
+
+    def _charge_death(self, worker: WorkerProcess, reason: Death = Death.CRASH,
+                      running: list[Running] | None = None) -> None:
+        """Charge a death to the messages it was running (poison tracking), once: at the
+        first sign of it (a kill, EOF on its channel, or the reap), so the broker cannot
+        redeliver them and have them asked about before the charge. A worker that was
+        asked to drain and did so charges nothing."""
+        if worker.charged is not None:
             return
-        if self.state == STOPPING:
-            log.warning("%s %s during shutdown", worker, how)
-            self.exit_code = max(self.exit_code, exitcodes.FORCED)
+        if reason is Death.CRASH and (worker.draining_since is not None
+                                      or worker.kill_reason is not None):
+            worker.charged = False
             return
-        reason = worker.kill_reason or ("killed" if os.WIFSIGNALED(status) else "crash")
-        self.restarts[reason] = self.restarts.get(reason, 0) + 1
-        uptime = time.monotonic() - worker.started_at
-        failures = self.failures.get(slot, 0) + 1 if uptime < MIN_UPTIME else 1
-        self.failures[slot] = failures
-        delay = 0.0 if failures <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 2))
-        self.not_before[slot] = time.monotonic() + delay
-        log.error("%s %s after %.1fs; restarting%s", worker, how, uptime,
-                  f" in {delay:g}s ({failures} quick deaths in a row)" if delay else "")
+        running = worker.board.running() if running is None else running
+        certain = len(running) == 1 or reason is Death.TIME_LIMIT
+        self.poison.charge([r.key for r in running], reason, certain)
+        worker.charged = bool(running) and certain
 
     def _retire(self, worker: WorkerProcess) -> None:
-        """Fold a dead process's counters into its slot and charge what it was running."""
-        cells = worker.board.counters()
-        totals = self.retired.setdefault(worker.slot, [0] * N_INT)
-        for i, value in enumerate(cells):
-            totals[i] += value
-        self.retired_duration_sum[worker.slot] = (
-            self.retired_duration_sum.get(worker.slot, 0.0) + worker.board.duration_sum())
-        if worker.kill_reason is None and worker.draining_since is None:  # it crashed
-            running = worker.board.running()
-            self._charge(running, "crash", certain=len(running) == 1)
-        # Its last acks may not have reached the broker (a killed process's unsent socket
-        # data is dropped): remember what it settled, so redeliveries are not run twice.
-        now = time.monotonic()
-        for key in worker.board.recently_settled():
-            self.settled_by_dead.pop(key, None)  # keep the dict in time order
-            self.settled_by_dead[key] = now
-        while self.settled_by_dead and (
-                len(self.settled_by_dead) > MAX_CHARGES
-                or now - next(iter(self.settled_by_dead.values())) > SETTLED_MEMORY):
-            del self.settled_by_dead[next(iter(self.settled_by_dead))]
+        """Fold a dead process's counters into its slot and keep what it settled: a killed
+        process's last acks may not have reached the broker, so redeliveries of them must
+        be recognised and not run twice."""
+        self.retired.add(worker.slot, worker.board)
+        self.settled.absorb(worker.pid, worker.board, time.monotonic())
+        self.settled.forget(worker.pid)
         try:
             self._selector.unregister(worker.end.fileno())
         except KeyError:
@@ -269,21 +433,15 @@ class Supervisor:
         worker.end.close()
         worker.board.close()
 
-    def _charge(self, culprits: list[Running], reason: str, certain: bool) -> None:
-        """Count a worker death against the message that caused it (poison tracking).
-        When several were running and any of them may have done it, none is charged:
-        each becomes a suspect and runs alone next time, where a death is certain."""
-        for running in culprits:
-            deaths, _, _ = self.charges.pop(running.key, (0, "", False))
-            self.charges[running.key] = (deaths + certain, reason, not certain)
-        while len(self.charges) > MAX_CHARGES:
-            del self.charges[next(iter(self.charges))]
-
-    def _kill(self, worker: WorkerProcess, reason: str, culprits: list[Running],
-              certain: bool) -> None:
+    def _kill(self, worker: WorkerProcess, reason: Kill, culprits: list[Running] | None = None,
+              death: Death | None = None) -> None:
         """Charge now, not at reap: the broker may redeliver before waitpid sees it."""
-        self._charge(culprits, reason, certain)
+        if death is not None:
+            self._charge_death(worker, death, culprits)
         worker.kill(reason)
+
+    def _count_restart(self, reason: Restart) -> None:
+        self.restarts[reason] = self.restarts.get(reason, 0) + 1
 
     # -- health -----------------------------------------------------------------------------
     def _check_health(self) -> None:
@@ -296,9 +454,7 @@ class Supervisor:
                 if now - worker.draining_since > s.graceful_timeout + KILL_GRACE:
                     log.error("%s did not finish draining within %gs; killing it", worker,
                               s.graceful_timeout + KILL_GRACE)
-                    worker.kill("graceful_timeout")
-                    self.exit_code = max(self.exit_code, exitcodes.FORCED
-                                         if self.state == STOPPING else exitcodes.OK)
+                    self._kill(worker, Kill.DRAIN_TIMEOUT)
                 continue
             silent = now - worker.last_beat
             if silent > s.worker_timeout:
@@ -306,7 +462,7 @@ class Supervisor:
                 log.error("%s event loop blocked: no heartbeat for %.1fs (--worker-timeout %gs); "
                           "a handler is holding the loop or the GIL; killing it (running: %s)",
                           worker, silent, s.worker_timeout, _ids(running))
-                self._kill(worker, "heartbeat", running, certain=len(running) == 1)
+                self._kill(worker, Kill.HEARTBEAT, running, Death.HEARTBEAT)
                 continue
             if s.time_limit and not self.handler.is_async:
                 overdue = [r for r in worker.board.running() if now - r.started > s.time_limit]
@@ -314,7 +470,7 @@ class Supervisor:
                     log.error("%s: message %s has run %.1fs, past --time-limit %gs; killing the "
                               "worker (sync handlers cannot be interrupted)", worker,
                               _ids(overdue), now - overdue[0].started, s.time_limit)
-                    self._kill(worker, "time_limit", overdue, certain=True)
+                    self._kill(worker, Kill.TIME_LIMIT, overdue, Death.TIME_LIMIT)
 
     # -- reconciling ---------------------------------------------------------------------------
     def _reconcile(self) -> None:
@@ -322,95 +478,48 @@ class Supervisor:
             return
         now = time.monotonic()
         for slot in range(self.desired):
-            if slot not in self.active and now >= self.not_before.get(slot, 0.0):
+            if slot not in self.active and self.backoff.may_start(slot, now):
                 self.active[slot] = self._spawn(slot)
         for slot in [s for s in self.active if s >= self.desired]:
             log.info("scaling down: draining %s", self.active[slot])
             self.active.pop(slot).drain()
-            if slot in self.replacing:
-                self.replacing.pop(slot).drain()
+            if slot in self.reload.replacing:
+                self.reload.replacing.pop(slot).drain()
         self._continue_reload()
 
     def _continue_reload(self) -> None:
         """One slot at a time: start its new worker, and drain the old one only once
         the new one consumes, so throughput never drops to zero."""
-        while self.reload_queue:
-            slot = self.reload_queue[0]
+        reload = self.reload
+        while reload.slots:
+            slot = reload.slots[0]
             old = self.active.get(slot)
-            if old is None or old.generation == self.generation:
-                self.reload_queue.popleft()
+            if old is None or old.generation == reload.generation:
+                reload.slots.popleft()
                 continue
-            new = self.replacing.get(slot)
+            new = reload.replacing.get(slot)
             if new is None:
-                if time.monotonic() >= self.not_before.get(slot, 0.0):
-                    self.replacing[slot] = self._spawn(slot)
+                if self.backoff.may_start(slot, time.monotonic()):
+                    reload.replacing[slot] = self._spawn(slot)
                 return
             if not new.ready:
                 return
             log.info("reload: %s is consuming; draining %s", new, old)
-            self.restarts["reload"] = self.restarts.get("reload", 0) + 1
+            self._count_restart(Restart.RELOAD)
             old.drain()
-            self.active[slot] = self.replacing.pop(slot)
-            self.reload_queue.popleft()
+            self.active[slot] = reload.replacing.pop(slot)
+            reload.slots.popleft()
 
     def _spawn(self, slot: int) -> WorkerProcess:
-        close = [*self._extra_fds, *(w.end.fileno() for w in self.workers.values())]
-        if self._http is not None:  # an open HTTP request must not live on in the worker
-            close += self._http.client_fds()
-        worker = spawn(self.settings, slot, self.generation, self.handler, close)
-        worker.generation = self.generation
+        close = [*self.signals.fds(), self._selector.fileno(),
+                 *(w.end.fileno() for w in self.workers.values())]
+        if self._http is not None:  # the listener and any open request stay here
+            close += self._http.fds()
+        worker = spawn(self.settings, slot, self.reload.generation, self.handler, close)
         self.workers[worker.pid] = worker
-        self._selector.register(worker.end.fileno(), selectors.EVENT_READ,
-                                lambda w=worker: self._on_control(w))
-        log.debug("spawned %s (generation %d)", worker, self.generation)
+        self._selector.register(worker.end.fileno(), selectors.EVENT_READ, worker)
+        log.debug("spawned %s (generation %d)", worker, self.reload.generation)
         return worker
-
-    # -- control channel --------------------------------------------------------------------
-    def _on_control(self, worker: WorkerProcess) -> None:
-        messages = worker.end.receive()
-        if messages is None:  # EOF: it is exiting; the reaper will say why
-            self._selector.unregister(worker.end.fileno())
-            return
-        self._dispatch_control(worker, messages)
-
-    def _dispatch_control(self, worker: WorkerProcess, messages: list[dict[str, Any]]) -> None:
-        for msg in messages:
-            handle = self._control_actions.get(msg.get("t", ""))
-            if handle is not None:
-                handle(self, worker, msg)
-
-    def _on_beat(self, worker: WorkerProcess, _msg: dict[str, Any]) -> None:
-        worker.last_beat = time.monotonic()
-
-    def _on_ready(self, worker: WorkerProcess, _msg: dict[str, Any]) -> None:
-        worker.last_beat = time.monotonic()
-        if worker.draining_since is None:
-            worker.ready = worker.was_ready = True
-
-    def _on_notready(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
-        worker.ready = False
-
-    def _on_fatal(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
-        worker.fatal = (int(msg["code"]), str(msg["why"]))
-
-    def _on_ask(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
-        self._reap()  # a worker that just died may hold the charge being asked for
-        deaths, reason, suspect = self.charges.get(int(msg["key"]), (0, "", False))
-        # Settled, yet redelivered: its ack was lost with a connection (a worker killed
-        # just after acking may not even be reaped yet). Its outcome stands; skip it.
-        skey = int(msg.get("skey") or 0)
-        settled = bool(skey) and (skey in self.settled_by_dead or any(
-            skey in w.board.recently_settled() for w in self.workers.values()))
-        worker.end.send(control.VERDICT, key=msg["key"], deaths=deaths, reason=reason,
-                        settled=settled, suspect=suspect)
-
-    _control_actions: dict[str, Callable[[Supervisor, WorkerProcess, dict[str, Any]], None]] = {
-        control.BEAT: _on_beat,
-        control.READY: _on_ready,
-        control.NOTREADY: _on_notready,
-        control.FATAL: _on_fatal,
-        control.ASK: _on_ask,
-    }
 
     # -- http ---------------------------------------------------------------------------------
     def _start_http(self) -> None:
@@ -426,8 +535,12 @@ class Supervisor:
             raise SettingsError(
                 f"cannot serve metrics on {s.metrics_host}:{s.metrics_port} ({exc}); use "
                 "another --metrics-host/--metrics-port, or --metrics-port 0 to disable") from None
-        self._selector.register(self._http.fileno(), selectors.EVENT_READ, self._http.handle)
-        self._extra_fds.append(self._http.fileno())
+        self._selector.register(self._http.fileno(), selectors.EVENT_READ, _HTTP)
+
+    def _serve_http(self) -> None:
+        if self._http_ready:
+            self._http_ready = False
+            self._http.serve()
 
     def _title(self) -> None:
         setproctitle.setproctitle(

@@ -29,6 +29,13 @@ H_EXC_MESSAGE = "x-rmqpool-exception-message"
 H_TRACEBACK = "x-rmqpool-traceback"
 H_FAILED_AT = "x-rmqpool-failed-at"
 H_WORKER = "x-rmqpool-worker-slot"
+# Properties a copy cannot carry (the broker refuses a user_id that is not the pool's
+# user; an expiration would let a retry or dead letter vanish) are kept here instead.
+H_USER_ID = "x-rmqpool-original-user-id"
+H_EXPIRATION = "x-rmqpool-original-expiration"
+# Headers of the original that cannot be encoded again (e.g. a double too large for
+# the float type a client library re-encodes it as): their repr, so nothing is lost.
+H_UNENCODABLE = "x-rmqpool-unencodable-headers"
 
 # A quorum work queue dead-letters a message redelivered this many times (a
 # backstop under rmqpool's own poison tracking, which works on classic queues too).
@@ -94,6 +101,20 @@ def jittered(delay: float, jitter: float) -> tuple[float, ...]:
         return (delay,)
     steps = [delay * (1 - jitter * i / (JITTER_STEPS - 1)) for i in range(JITTER_STEPS)]
     return tuple(sorted({round(d, 3) for d in steps}))
+
+
+# Retry(delay=S) waits in the smallest of these (or of the --retry-delays tiers) that is
+# at least S, so handler-chosen delays make at most len(RETRY_GRID) extra queues.
+RETRY_GRID: tuple[float, ...] = (
+    0.1, 0.2, 0.5, 1, 2, 3, 5, 10, 15, 20, 30, 45,  # seconds
+    60, 120, 180, 300, 600, 900, 1200, 1800, 2700,  # minutes
+    3600, 7200, 10800, 21600, 43200, 86400, 172800, 604800)  # hours and days
+
+
+def tier_for(delay: float, settings: Settings) -> float:
+    """The retry tier a handler's Retry(delay=S) waits in (rounded up, never down)."""
+    candidates = sorted({*settings.retry_delays, *RETRY_GRID})
+    return next((c for c in candidates if c >= delay), candidates[-1])
 
 
 def retry_delays(settings: Settings) -> list[float]:

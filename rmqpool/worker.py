@@ -25,9 +25,11 @@ from .broker_errors import BROKER_ERRORS
 from .consumer import Consumer
 from .dispatch import Dispatcher
 from .handler import Handler
+from .outcome import Death
 from .publisher import Publisher
 from .scoreboard import RECONNECTS, Scoreboard
 from .settings import BROKER_CONSUMER_TIMEOUT, Settings
+from .settle import Settler, Tiers
 
 log = logging.getLogger("rmqpool.worker")
 
@@ -69,7 +71,7 @@ class Worker:
         self._lost = False  # stopping on our own (consumer cancelled by the broker)
         self._consuming = False  # so a lost connection is logged once, not per retry
         self._verdicts: dict[int, asyncio.Future[control.Verdict]] = {}
-        self._tiers: dict[float, str] = {}
+        self._tiers: Tiers | None = None
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
 
@@ -85,10 +87,11 @@ class Worker:
             if connection is None:
                 return exitcodes.OK  # asked to stop before the broker was reachable
             channel = await self._open_channel(connection)
-            dispatcher = Dispatcher(self.handler, self.settings, self.slot, self.board,
-                                    Publisher(channel), self._ask, self._declare_tier,
-                                    self._redeclare)
-            consumer = Consumer(channel, self.settings.queue, dispatcher,
+            self._tiers = Tiers(self.settings, connection)
+            dispatcher = Dispatcher(self.handler, self.settings, self.board, self._ask)
+            settler = Settler(self.settings, self.slot, self.board, Publisher(channel),
+                              self._tiers, self._redeclare, self._charge)
+            consumer = Consumer(channel, self.settings.queue, dispatcher, settler,
                                 self.settings.concurrency, self._ready, self._consumer_lost)
             await consumer.start()
             # A channel of its own: a passive declare of a deleted queue closes its channel.
@@ -103,7 +106,7 @@ class Worker:
         except Fatal as fatal:
             self._stop.set()  # so closing is not mistaken for a lost connection
             log.error("%s", fatal)
-            self.control.send(control.FATAL, code=fatal.code, why=str(fatal))
+            self.control.send({"t": "fatal", "code": fatal.code, "why": str(fatal)})
             await self._close()
             return fatal.code
         finally:
@@ -118,13 +121,13 @@ class Worker:
     def _consumer_lost(self, why: str) -> None:
         log.error("%s; restarting this worker", why)
         self._consuming = False
-        self.control.send(control.NOTREADY, why=why)
+        self.control.send({"t": "notready", "why": why})
         self._lost = True
         self.request_stop(self.settings.graceful_timeout)
 
     def _ready(self) -> None:
         self._consuming = True
-        self.control.send(control.READY)
+        self.control.send({"t": "ready"})
         log.info("consuming %r (prefetch %d, concurrency %d)", self.settings.queue,
                  self.settings.prefetch, self.settings.concurrency)
 
@@ -133,7 +136,7 @@ class Worker:
         if self._stop.is_set() or not was_consuming:
             return  # log the loss once, not on every failed reconnect attempt
         why = f"{type(exc).__name__}: {exc}" if exc else "connection closed"
-        self.control.send(control.NOTREADY, why=why)
+        self.control.send({"t": "notready", "why": why})
         log.warning("connection to %s lost (%s); reconnecting", self.settings.safe_url, why)
 
     def _reconnected(self, _sender: Any = None) -> None:
@@ -195,8 +198,6 @@ class Worker:
             for spec in topology.all_queues(s):
                 queues[spec.name] = await channel.declare_queue(
                     spec.name, durable=True, arguments=spec.arguments)
-            for delay in topology.retry_delays(s):
-                self._tiers[delay] = topology.retry_queue_name(s.queue, delay)
             if s.exchange:
                 exchange = await self._declare_exchange(channel)
                 for key in s.binding_keys:
@@ -225,20 +226,10 @@ class Worker:
         assert self._channel is not None
         raw = await self._channel.get_underlay_channel()
         specs = topology.all_queues(self.settings)
-        specs += [topology.retry_queue(self.settings, d) for d in self._tiers
-                  if d not in topology.retry_delays(self.settings)]
+        if self._tiers is not None:
+            specs += [topology.retry_queue(self.settings, d) for d in self._tiers.extra()]
         for spec in specs:
             await raw.queue_declare(spec.name, durable=True, arguments=spec.arguments)
-
-    async def _declare_tier(self, delay: float) -> str:
-        """The retry queue for `delay` seconds; declared on first use (Retry(delay=...))."""
-        name = self._tiers.get(delay)
-        if name is None:
-            spec = topology.retry_queue(self.settings, delay)
-            assert self._channel is not None
-            await self._channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
-            name = self._tiers[delay] = spec.name
-        return name
 
     async def _close(self) -> None:
         self._consuming = False
@@ -255,7 +246,7 @@ class Worker:
             await asyncio.sleep(control.BEAT_INTERVAL)
             lag = max(0.0, loop.time() - before - control.BEAT_INTERVAL)
             self.board.set_lag(lag)
-            self.control.send(control.BEAT, lag=round(lag, 4))
+            self.control.send({"t": "beat", "lag": round(lag, 4)})
             if os.getppid() != self.supervisor_pid:
                 self._orphaned("the supervisor is gone (parent pid changed)")
 
@@ -281,15 +272,16 @@ class Worker:
             if msg is None:
                 self._orphaned("the supervisor is gone (control channel closed)")
                 return
-            kind = msg.get("t")
-            if kind == control.DRAIN:
+            if msg["t"] == "drain":
                 self.request_stop(self.settings.graceful_timeout)
-            elif kind == control.VERDICT:
+            elif msg["t"] == "verdict":
                 future = self._verdicts.pop(msg["key"], None)
                 if future is not None and not future.done():
                     future.set_result(control.Verdict(
-                        int(msg["deaths"]), str(msg["reason"]), bool(msg.get("settled")),
-                        bool(msg.get("suspect"))))
+                        msg["deaths"], msg["reason"], msg["settled"], msg["suspect"]))
+
+    def _charge(self, key: int) -> None:
+        self.control.send({"t": "charge", "key": key, "reason": Death.INTERNAL})
 
     def _orphaned(self, why: str) -> None:
         if self.drain_deadline is None or self.drain_deadline > ORPHAN_DEADLINE:
@@ -301,7 +293,7 @@ class Worker:
         future = self._verdicts.get(key)
         if future is None:
             future = self._verdicts[key] = asyncio.get_running_loop().create_future()
-            self.control.send(control.ASK, key=key, skey=settled_key)
+            self.control.send({"t": "ask", "key": key, "skey": settled_key})
         try:
             return await asyncio.wait_for(asyncio.shield(future), ASK_TIMEOUT)
         except TimeoutError:

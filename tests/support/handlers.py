@@ -139,3 +139,29 @@ def gil(body: Any, message: rmqpool.Message) -> None:
     """Holds the GIL in one C call for a long time (sum over a huge range)."""
     _record(message, "start")
     sum(range(int(body["size"])))
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of this exception fails")
+
+
+def unprintable(body: Any, message: rmqpool.Message) -> None:
+    """Raises an exception whose str() raises."""
+    _record(message, "start")
+    raise UnprintableError()
+
+
+def retry_exact(body: Any, message: rmqpool.Message) -> None:
+    """Retry(delay=body["delay"]) on attempt 1 (the delay may be anything the body says:
+    "nan" and "inf" are floats); records done after."""
+    _record(message, "start")
+    if message.attempt == 1:
+        raise rmqpool.Retry(delay=float(body["delay"]))
+    _record(message, "done")
+
+
+def tagged(body: Any, message: rmqpool.Message) -> None:
+    """Records the body's "tag" (to tell apart messages that share a message id)."""
+    time.sleep(float(body.get("sleep", 0)))
+    _record(message, str(body["tag"]))

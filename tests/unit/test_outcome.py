@@ -32,18 +32,23 @@ def test_decide(exc, attempt, expected):
 
 
 def test_delays_past_the_last_tier_reuse_it():
-    policy = Policy(max_retries=5, delays=(2.0,))
+    policy = Policy(max_retries=5, delays=(2.0,), max_worker_deaths=3)
     assert [policy.delay_for(a) for a in range(1, 6)] == [2.0] * 5
 
 
 def test_no_retries_dead_letters_the_first_failure():
-    assert decide(KeyError("k"), 1, Policy(max_retries=0)) == Outcome(
+    assert decide(KeyError("k"), 1, Policy(0, (1.0,), 3)) == Outcome(
         Action.DEAD_LETTER, reason="max_retries")
 
 
-def test_retry_rejects_non_positive_delay():
-    with pytest.raises(ValueError, match="delay must be > 0"):
-        Retry(delay=0)
+@pytest.mark.parametrize("delay", [0, -1, float("nan"), float("inf"), 8 * 86400, True, "5"])
+def test_retry_rejects_a_bad_delay_where_the_handler_raises_it(delay):
+    with pytest.raises(ValueError, match="delay must be a number of seconds above 0"):
+        Retry(delay=delay)
+
+
+def test_retry_accepts_ints_and_floats():
+    assert Retry(delay=2).delay == 2.0 and Retry(delay=0.25).delay == 0.25
 
 
 @pytest.mark.parametrize(("deaths", "reason", "expected"), [
