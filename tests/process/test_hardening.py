@@ -9,10 +9,9 @@ import os
 import pathlib
 import re
 import signal
+import struct
 import uuid
 from typing import Any
-
-import struct
 
 import pika
 import pytest
