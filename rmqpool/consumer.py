@@ -116,7 +116,7 @@ class Consumer:
                     attempt.settled = settled.set
                     self._push(attempt)
                     settled.wait()
-        except BaseException:  # noqa: BLE001 - a bug: its message would stay unacked
+        except BaseException:
             self._internal_error(raw, index)
         finally:
             loop.call_soon_threadsafe(_resolve, exited)
@@ -137,7 +137,7 @@ class Consumer:
                     attempt.settled = settled.set
                     self._push(attempt)
                     await settled.wait()
-        except Exception:  # noqa: BLE001 - a bug: its message would stay unacked
+        except Exception:
             self._internal_error(raw, index)
 
     def _internal_error(self, raw: DeliveredMessage | None, index: int) -> None:
@@ -148,7 +148,7 @@ class Consumer:
         if raw is not None:
             try:
                 self._dispatcher.mark_failing(raw, index)
-            except Exception:  # noqa: BLE001 - exiting anyway
+            except Exception:
                 log.exception("could not mark the message")
         logging.shutdown()
         os._exit(exitcodes.INTERNAL)
@@ -183,7 +183,7 @@ class Consumer:
         async with self._settle_lock:
             try:
                 await self._settler.settle(batch)
-            except Exception:  # noqa: BLE001 - a bug: these messages would stay unacked
+            except Exception:
                 self._internal_error(None, 0)
 
     # -- draining ----------------------------------------------------------------------

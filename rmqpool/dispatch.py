@@ -173,7 +173,7 @@ class Dispatcher:
             started = time.monotonic()
             try:
                 self.handler.fn(*start.args)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 # A failing handler is an outcome, not a crash: sys.exit(), a
                 # CancelledError escaping an asyncio.run() inside it, anything.
                 return self._finish(raw, start, exc, time.monotonic() - started)
@@ -197,7 +197,7 @@ class Dispatcher:
             try:
                 async with limit:
                     await self.handler.fn(*start.args)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise  # the worker itself is stopping: not the handler's outcome
                 if isinstance(exc, TimeoutError) and limit.expired():

@@ -72,7 +72,7 @@ def load(spec: str) -> Handler:
             ) from None
         raise HandlerError(f"importing handler module {module_name!r} failed: {exc}; "
                            "install the missing package") from None
-    except BaseException as exc:  # noqa: BLE001 - any failure of user code at import
+    except BaseException as exc:
         where = ""
         if isinstance(exc, SyntaxError):
             where = f" at {exc.filename}:{exc.lineno}"
@@ -97,7 +97,7 @@ def load(spec: str) -> Handler:
 def _is_async(fn: Callable[..., Any]) -> bool:
     # An object with an async __call__ counts too.
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        type(fn).__call__)  # noqa: B004 - the type's __call__, not callable()
+        type(fn).__call__)
 
 
 def _wants_message(fn: Callable[..., Any], spec: str) -> bool:

@@ -151,7 +151,7 @@ def spawn(settings: Settings, slot: int, generation: int, handler: Handler,
         try:
             _become_worker(slot, close_in_child, parent_end.fileno(), supervisor_pid)
             code = worker_main(settings, slot, handler, child_end, board, supervisor_pid)
-        except BaseException:  # noqa: BLE001 - last resort: say why, then exit
+        except BaseException:
             log.exception("worker crashed")
         finally:
             logging.shutdown()

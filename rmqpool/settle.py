@@ -153,7 +153,7 @@ class Settler:
                 log.warning("declaring the queues again failed: %s", exc)
             await self.acker.nack(raw)
             return
-        except Exception:  # noqa: BLE001 - a bug in rmqpool; the message must not stay unacked
+        except Exception:
             log.critical("internal error settling a message; it goes back to the queue in %gs "
                          "and is charged like a worker death (the poison rule ends it)",
                          REQUEUE_DELAY, exc_info=True,
@@ -236,7 +236,7 @@ def _encodable(headers: FieldTable) -> FieldTable:
     try:
         _check(headers)
         return headers
-    except Exception:  # noqa: BLE001 - TypeError, OverflowError, struct.error, ...
+    except Exception:
         pass
     kept: FieldTable = {}
     dropped = {}
@@ -244,7 +244,7 @@ def _encodable(headers: FieldTable) -> FieldTable:
         try:
             _check({key: value})
             kept[key] = value
-        except Exception:  # noqa: BLE001
+        except Exception:
             dropped[str(key)] = value
     kept[t.H_UNENCODABLE] = _safe_str(dropped)[:EXC_MESSAGE_LIMIT]
     return kept
@@ -268,14 +268,14 @@ def _check(table: FieldTable) -> None:
 def _safe_str(value: object) -> str:
     try:
         return str(value)
-    except Exception:  # noqa: BLE001 - an exception whose __str__ raises
+    except Exception:
         return f"<{type(value).__name__}: str() failed>"
 
 
 def _safe_traceback(exc: BaseException) -> str:
     try:
         return "".join(traceback.format_exception(exc))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return f"{type(exc).__qualname__}: <traceback could not be formatted>"
 
 

@@ -224,7 +224,7 @@ class Load(threading.Thread):
                 amqp.publish(self.queue, self.BATCH)
                 self.batches += 1
                 self.stopping.wait(0.3)
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+        except BaseException as exc:
             self.error = exc
 
     def stop(self) -> None:
@@ -307,7 +307,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         if load.is_alive() or load.error is not None:
             try:
                 load.stop()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
         prometheus.stop()
         queues = set(amqp.pool_queues(queue, delays=(RETRY_DELAY,)))
