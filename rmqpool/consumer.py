@@ -58,7 +58,7 @@ class Consumer:
         self._signalled = False
         self._settle_lock = asyncio.Lock()
         self._executors: list[asyncio.Future[None]] = []
-        self._settle_task: asyncio.Task[None] | None = None
+        self._settle_task: asyncio.Task[None] | None = None  # a strong reference
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._tag: str | None = None
         self._draining = False

@@ -35,7 +35,6 @@ from .settings import Settings
 log = logging.getLogger("rmqpool.metrics")
 
 DEPTH_STALE = 15.0  # queue depths older than this (3 polls) are not exported
-WORKER_STATES = ("desired", "running", "ready")
 
 
 class RetiredView(Protocol):

@@ -8,11 +8,16 @@ are reported, neither closes the channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import aio_pika
-from aiormq.abc import DeliveredMessage
+import aiormq
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+from pamqp.body import ContentBody
 from pamqp.common import FieldTable
+from pamqp.header import ContentHeader
 
 from .broker_errors import BROKER_ERRORS
 
@@ -40,11 +45,55 @@ class Publisher:
             message_type=src.message_type, app_id=src.app_id)
         try:
             channel = await asyncio.wait_for(self._channel.get_underlay_channel(), self._timeout)
-            confirm = await channel.basic_publish(
-                raw.body, exchange="", routing_key=routing_key, properties=props,
-                mandatory=True, timeout=self._timeout)
+            if src.message_id is None:
+                confirm = await _publish_without_id(channel, raw.body, routing_key, props,
+                                                    self._timeout)
+            else:
+                confirm = await channel.basic_publish(
+                    raw.body, exchange="", routing_key=routing_key, properties=props,
+                    mandatory=True, timeout=self._timeout)
         except BROKER_ERRORS as exc:
             raise PublishFailed(f"publishing to {routing_key!r} failed: "
                                 f"{type(exc).__name__}: {exc}") from None
         if not isinstance(confirm, spec.Basic.Ack):
             raise PublishFailed(f"broker did not confirm the copy to {routing_key!r}: {confirm!r}")
+
+
+async def _publish_without_id(channel: aiormq.abc.AbstractChannel, body: bytes,
+                              routing_key: str, props: spec.Basic.Properties,
+                              timeout: float) -> object:
+    """Publish a copy of a message that had no message_id, keeping it without one.
+
+    aiormq's basic_publish gives such a message a random id (it matches returned
+    messages to their confirms by id), and a dead letter would then carry an id its
+    message never had. So the same frames go out the same way, under the channel's
+    publish lock and confirm numbering, with no id. A return could not be matched to
+    its confirm without an id, so the target queue is first declared passively, on a
+    channel of its own (a 404 closes its channel): the copy is routable when sent."""
+    probe = await channel.connection.channel()
+    try:
+        await probe.queue_declare(routing_key, passive=True)
+    finally:
+        with contextlib.suppress(*BROKER_ERRORS):
+            await probe.close()
+    frames: list[Any] = [spec.Basic.Publish(exchange="", routing_key=routing_key,
+                                            mandatory=True),
+                         ContentHeader(properties=props, body_size=len(body))]
+    size = channel.max_content_size  # type: ignore[attr-defined]
+    frames += [ContentBody(body[i:i + size]) for i in range(0, len(body), size)]
+    raw: Any = channel  # aiormq.Channel: its confirm bookkeeping is public but untyped
+    async with asyncio.timeout(timeout):
+        async with raw.lock:
+            raw.delivery_tag += 1
+            tag = raw.delivery_tag
+            confirmation = raw.create_future()
+            raw.confirmations[tag] = confirmation
+            try:
+                await raw.write_queue.put(ChannelFrame.marshall(channel_number=raw.number,
+                                                                frames=frames))
+            except BaseException:
+                raw.delivery_tag -= 1  # not sent: give the sequence number back
+                raw.confirmations.pop(tag, None)
+                confirmation.cancel()
+                raise
+        return await confirmation

@@ -386,3 +386,21 @@ def test_sigttou_at_one_worker_says_it_does_nothing(queue, tmp_path):
         pool.signal(signal.SIGTERM)
         assert pool.wait(15) == 0
 
+
+
+@pytest.mark.timeout(60)
+def test_a_message_without_an_id_keeps_it_absent_on_its_copies(queue, record_file, tmp_path):
+    with Pool("tests.support.handlers:behave", "--queue", queue, "--workers", "1",
+              "--max-retries", "1", "--retry-delays", "0.1", tmp_path=tmp_path,
+              env=_env(record_file)) as pool:
+        pool.wait_ready()
+        publish_pika(queue, json.dumps({"fail": "always"}).encode(),
+                     content_type="application/json")  # pika sets no message id
+        dlq = topology.dlq_name(queue)
+        wait_for(lambda: amqp.count(dlq) == 1, 15, "the dead letter")
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0, pool.log()
+    [dead] = amqp.get_all(dlq)
+    assert dead.message_id is None and dead.headers["x-rmqpool-attempt"] == 2
+    assert [r[0] for r in read_records(record_file)] == ["None", "None"]  # both attempts
+    amqp.delete([topology.retry_queue_name(queue, 0.1)])
