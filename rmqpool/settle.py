@@ -76,6 +76,9 @@ class Tiers:
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 log.warning("retry queue %r exists with other arguments (%s); using it as it "
                             "is", spec.name, exc.args[-1] if exc.args else exc)
+            except BROKER_ERRORS as exc:
+                raise PublishFailed(f"declaring retry queue {spec.name!r} failed: "
+                                    f"{type(exc).__name__}: {exc}") from None
             name = self.names[delay] = spec.name
         return name
 
