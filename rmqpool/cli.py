@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve(args.handler, vars(args), os.environ)
     except SettingsError as exc:
         _fail(str(exc))
-    rlog.setup(settings.log_level, settings.log_format)
+    rlog.setup(settings.log_level, settings.log_format, settings.library_log_level)
     try:
         handler = load(settings.handler)
     except HandlerError as exc:

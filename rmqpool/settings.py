@@ -52,6 +52,8 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.split(",") if part.strip())
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 OPTIONS: tuple[Option, ...] = (
     Option("url", str, DEFAULT_URL,
            "AMQP URL of the broker (RABBITMQ_URL is honoured too)", "URL"),
@@ -86,8 +88,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics-host", str, "0.0.0.0", "address /metrics, /healthz and /readyz bind to",
            "HOST"),
     Option("metrics-port", int, 9808, "port of /metrics, /healthz, /readyz (0: disabled)", "PORT"),
-    Option("log-level", str, "info", "log level",
+    Option("log-level", str, "info", "level of rmqpool's own log lines",
            choices=("debug", "info", "warning", "error")),
+    Option("library-log-level", str, "critical",
+           "level of aio-pika, aiormq and pamqp log lines (debug: every AMQP frame); "
+           "below critical, every reconnect logs their tracebacks next to rmqpool's own line",
+           choices=LOG_LEVELS),
     Option("log-format", str, "text", "log line format", choices=("text", "json")),
 )
 OPTIONS_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
@@ -129,6 +135,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9808
     log_level: str = "info"
+    library_log_level: str = "critical"
     log_format: str = "text"
 
     def __repr__(self) -> str:  # the password never reaches a log line

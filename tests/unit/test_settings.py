@@ -86,3 +86,10 @@ def test_settings_are_frozen_and_picklable():
 def test_every_option_is_a_settings_field():
     fields = set(Settings.__dataclass_fields__)
     assert {opt.attr for opt in OPTIONS} <= fields
+
+
+def test_library_log_level_defaults_to_critical():
+    assert resolve(H, {}, {}).library_log_level == "critical"
+    assert resolve(H, {}, {"RMQPOOL_LIBRARY_LOG_LEVEL": "debug"}).library_log_level == "debug"
+    with pytest.raises(SettingsError, match="--library-log-level 'loud' is not one of debug"):
+        resolve(H, {"library_log_level": "loud"}, {})
