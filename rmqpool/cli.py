@@ -11,7 +11,7 @@ from typing import NoReturn
 from . import __version__, exitcodes
 from . import log as rlog
 from .handler import HandlerError, load
-from .settings import OPTIONS, SettingsError, resolve
+from .settings import OPTIONS, SettingsError, closest, resolve, unknown_env
 
 EPILOG = """\
 signals to the supervisor:
@@ -34,8 +34,11 @@ def _fail(message: str) -> NoReturn:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: `--work 2` would work today and break once another option starts
+    # with --work; a typo is an error that names the closest option instead.
     parser = _Parser(
         prog="rmqpool", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        allow_abbrev=False,
         description="Run HANDLER (MODULE:FUNCTION) in a pool of worker processes consuming a "
                     "RabbitMQ queue. Every option can also be set with the environment "
                     "variable shown.")
@@ -58,8 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(argv)
+    unknown = next((arg.split("=", 1)[0] for arg in extra if arg.startswith("-")), None)
+    if unknown is not None:
+        guess = closest(unknown, ["--help", "--version", *(opt.flag for opt in OPTIONS)])
+        _fail(f"unknown option {unknown}" + (f"; did you mean {guess}?" if guess else "")
+              + " (see rmqpool --help)")
+    if extra:
+        _fail(f"unexpected argument {extra[0]!r}: give one MODULE:FUNCTION (see rmqpool --help)")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    for warning in unknown_env(os.environ):  # first: a misspelt variable may explain an error
+        print(f"rmqpool: warning: {warning}", file=sys.stderr)
+    args = _parse(build_parser(), argv)
     try:
         settings = resolve(args.handler, vars(args), os.environ)
     except SettingsError as exc:

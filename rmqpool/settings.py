@@ -7,14 +7,16 @@ Every option is declared once in OPTIONS; the CLI, the environment lookup, the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+ENV_PREFIX = "RMQPOOL_"
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_QUEUE = "rmqpool"
 # The broker's default consumer_timeout (delivery acknowledgement timeout) on 3.10.
@@ -41,7 +43,7 @@ class Option:
 
     @property
     def env(self) -> str:
-        return "RMQPOOL_" + self.name.upper().replace("-", "_")
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
 
     @property
     def attr(self) -> str:
@@ -249,6 +251,29 @@ def _convert(opt: Option, raw: str, source: str) -> Any:
         names: dict[Any, str] = {int: "an integer", float: "a number"}
         kind = names.get(opt.kind, "a list of numbers")
         raise SettingsError(f"{source} {raw!r} is not {kind}") from None
+
+
+KNOWN_ENV = (*(opt.env for opt in OPTIONS), "RMQPOOL_HANDLER")
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like `word` (a typo's correction), if any is close."""
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """A warning for each RMQPOOL_* variable that is no option (a typo is ignored
+    otherwise), naming the closest one."""
+    known = {name.removeprefix(ENV_PREFIX): name for name in KNOWN_ENV}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in KNOWN_ENV:
+            continue
+        guess = closest(name.removeprefix(ENV_PREFIX), known)
+        hint = f"did you mean {known[guess]}?" if guess else "see rmqpool --help for the options"
+        warnings.append(f"{name} is not an rmqpool setting and is ignored; {hint}")
+    return warnings
 
 
 def resolve(handler: str | None, flags: Mapping[str, Any], env: Mapping[str, str],

@@ -115,6 +115,56 @@ def test_bad_option_from_env():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("args, flag, guess", [
+    (["--wrokers", "2"], "--wrokers", "--workers"),
+    (["--wrokers=2"], "--wrokers", "--workers"),
+    (["--work", "2"], "--work", "--workers"),  # no abbreviations: a typo must not slip through
+    (["--log-levl", "debug"], "--log-levl", "--log-level"),
+])
+def test_unknown_flag_is_a_usage_error_naming_the_closest(args, flag, guess):
+    code, out, elapsed = run_cli(HANDLER, *args)
+    assert_usage_error(code, out, elapsed, f"unknown option {flag}", f"did you mean {guess}?")
+
+
+@pytest.mark.timeout(30)
+def test_unknown_flag_without_a_close_one():
+    code, out, elapsed = run_cli(HANDLER, "--zzzzzz")
+    assert_usage_error(code, out, elapsed, "unknown option --zzzzzz", "rmqpool --help")
+    assert "did you mean" not in out
+
+
+@pytest.mark.timeout(30)
+def test_unknown_rmqpool_variables_are_warned_about_on_stderr_first():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RMQPOOL_WROKERS": "2", "RMQPOOL_QUEU": "x"}
+    proc = subprocess.run([sys.executable, "-m", "rmqpool", HANDLER, "--workers", "0",
+                           "--metrics-port", "0"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=20)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.splitlines() == [
+        "rmqpool: warning: RMQPOOL_QUEU is not an rmqpool setting and is ignored; "
+        "did you mean RMQPOOL_QUEUE?",
+        "rmqpool: warning: RMQPOOL_WROKERS is not an rmqpool setting and is ignored; "
+        "did you mean RMQPOOL_WORKERS?",
+        "rmqpool: error: --workers must be > 0 (got 0); set --workers or RMQPOOL_WORKERS to a "
+        "positive number",
+    ]
+
+
+@pytest.mark.timeout(30)
+def test_a_misspelt_variable_is_warned_about_before_the_pool_starts(queue, tmp_path):
+    with Pool(HANDLER, "--queue", queue, "--workers", "1", tmp_path=tmp_path,
+              env={"RMQPOOL_WROKERS": "2", "RECORD_FILE": str(tmp_path / "r")}) as pool:
+        pool.wait_ready(15)
+        assert len(pool.worker_pids()) == 1  # ignored, as the warning says
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0, pool.log()
+    first, second = pool.log().splitlines()[:2]
+    assert first == ("rmqpool: warning: RMQPOOL_WROKERS is not an rmqpool setting and is "
+                     "ignored; did you mean RMQPOOL_WORKERS?")
+    assert "starting" in second or "serving" in second, second
+
+
+@pytest.mark.timeout(30)
 def test_url_password_never_echoed_in_usage_error():
     code, out, elapsed = run_cli(HANDLER, "--url", "http://guest:hunter2-secret@127.0.0.1/")
     assert_usage_error(code, out, elapsed, "--url")

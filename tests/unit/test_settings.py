@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 
-from rmqpool.settings import OPTIONS, Settings, SettingsError, redact_url, resolve
+from rmqpool.settings import OPTIONS, Settings, SettingsError, redact_url, resolve, unknown_env
 
 H = "examples.handlers:handle"
 
@@ -86,6 +86,21 @@ def test_settings_are_frozen_and_picklable():
 def test_every_option_is_a_settings_field():
     fields = set(Settings.__dataclass_fields__)
     assert {opt.attr for opt in OPTIONS} <= fields
+
+
+# -- typos -------------------------------------------------------------------------------------
+def test_unknown_rmqpool_variables_are_named_with_the_closest_option():
+    env = {"RMQPOOL_WROKERS": "2", "RMQPOOL_QUEU": "x", "RMQPOOL_HANDLR": "m:f",
+           "RMQPOOL_ZZZZZZZZ": "1", "RMQPOOL_WORKERS": "1", "RMQPOOL_HANDLER": H,
+           "RABBITMQ_TEST_URL": "amqp://x/", "PATH": "/bin"}
+    assert unknown_env(env) == [
+        "RMQPOOL_HANDLR is not an rmqpool setting and is ignored; did you mean RMQPOOL_HANDLER?",
+        "RMQPOOL_QUEU is not an rmqpool setting and is ignored; did you mean RMQPOOL_QUEUE?",
+        "RMQPOOL_WROKERS is not an rmqpool setting and is ignored; did you mean RMQPOOL_WORKERS?",
+        "RMQPOOL_ZZZZZZZZ is not an rmqpool setting and is ignored; see rmqpool --help for "
+        "the options",
+    ]
+    assert unknown_env({opt.env: "" for opt in OPTIONS}) == []
 
 
 def test_library_log_level_defaults_to_critical():
