@@ -11,7 +11,7 @@ from typing import NoReturn
 from . import __version__, exitcodes
 from . import log as rlog
 from .handler import HandlerError, load
-from .settings import OPTIONS, SettingsError, closest, resolve, unknown_env
+from .settings import DURATION_HELP, OPTIONS, SettingsError, closest, resolve, unknown_env
 
 EPILOG = """\
 signals to the supervisor:
@@ -41,23 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Run HANDLER (MODULE:FUNCTION) in a pool of worker processes consuming a "
                     "RabbitMQ queue. Every option can also be set with the environment "
-                    "variable shown.")
+                    f"variable shown; {DURATION_HELP}.")
     parser.add_argument("handler", nargs="?", metavar="MODULE:FUNCTION",
                         help="the handler to run (env: RMQPOOL_HANDLER)")
     parser.add_argument("--version", action="version", version=f"rmqpool {__version__}")
     for opt in OPTIONS:
-        default = opt.default
-        if opt.repeatable:
-            default = "the queue name"
-        elif default is None:
-            default = "CPU count"
-        elif isinstance(default, tuple):
-            default = ",".join(f"{v:g}" for v in default)
-        help_text = f"{opt.help} [env: {opt.env}; default: {default}]"
-        kind = str if opt.repeatable else opt.kind
-        parser.add_argument(opt.flag, dest=opt.attr, type=kind, default=None, help=help_text,
-                            metavar=opt.metavar, choices=opt.choices,
-                            action="append" if opt.repeatable else "store")
+        # Values stay text here: settings converts flags and the environment alike, so
+        # both get the same errors.
+        parser.add_argument(opt.flag, dest=opt.attr, default=None, metavar=opt.metavar,
+                            help=f"{opt.help} [env: {opt.env}; default: {opt.default_text}]",
+                            choices=opt.choices, action="append" if opt.repeatable else "store")
     return parser
 
 

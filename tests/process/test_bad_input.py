@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from rmqpool import topology
 from tests.support import amqp
 from tests.support.pool import ROOT, Pool, free_port, wait_for
 
@@ -102,7 +103,11 @@ def test_handler_attribute_not_callable(tmp_path):
     (["--queue-type", "unknown"], ["--queue-type", "'unknown'", "classic", "quorum"]),
     (["--url", "http://127.0.0.1:5672/"], ["--url", "'http'", "amqp://"]),
     (["--workers", "many"], ["--workers", "'many'"]),
-], ids=["workers-0", "prefetch-neg", "queue-type", "url-scheme", "workers-nan"])
+    (["--retry-delays", "1s,ten"], ["--retry-delays", "'1s,ten'", "e.g. 1s,10s,1m"]),
+    (["--graceful-timeout", "soon"], ["--graceful-timeout", "'soon'", "e.g. 30s"]),
+    (["--heartbeat", "1500ms"], ["--heartbeat", "'1500ms'", "whole number of seconds"]),
+], ids=["workers-0", "prefetch-neg", "queue-type", "url-scheme", "workers-nan", "retry-delays",
+        "graceful-timeout", "heartbeat-ms"])
 def test_bad_option(args, needles):
     code, out, elapsed = run_cli(HANDLER, *args)
     assert_usage_error(code, out, elapsed, *needles)
@@ -162,6 +167,19 @@ def test_a_misspelt_variable_is_warned_about_before_the_pool_starts(queue, tmp_p
     assert first == ("rmqpool: warning: RMQPOOL_WROKERS is not an rmqpool setting and is "
                      "ignored; did you mean RMQPOOL_WORKERS?")
     assert "starting" in second or "serving" in second, second
+
+
+@pytest.mark.timeout(30)
+def test_durations_with_units(queue, tmp_path):
+    with Pool(HANDLER, "--queue", queue, "--workers", "1", "--retry-delays", "1s,10s",
+              "--graceful-timeout", "1500ms", "--heartbeat", "2000ms", "--worker-timeout", "1m",
+              tmp_path=tmp_path, env={"RMQPOOL_TIME_LIMIT": "1m",
+                                      "RECORD_FILE": str(tmp_path / "r")}) as pool:
+        pool.wait_ready(15)
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0, pool.log()
+    assert amqp.count(topology.retry_queue_name(queue, 1)) == 0
+    assert amqp.count(topology.retry_queue_name(queue, 10)) == 0
 
 
 @pytest.mark.timeout(30)

@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import pytest
 
@@ -46,6 +47,9 @@ def test_env_lists_and_handler():
     ({"concurrency": 20, "prefetch": 10}, {}, "raise --prefetch"),
     ({"routing_key": ["a"]}, {}, "--routing-key needs --exchange"),
     ({"retry_delays": (0.0,)}, {}, "--retry-delays must all be > 0"),
+    ({"retry_delays": "nan"}, {}, "--retry-delays must all be > 0"),
+    ({"retry_delays": "1s,100000h"}, {}, "--retry-delays 1,3.6e+08: the broker holds a message "
+                                         "for at most 10 years"),
     ({"worker_timeout": 1}, {}, "--worker-timeout 1"),
     ({"retry_jitter": 1.0}, {}, "--retry-jitter must be in"),
     ({"graceful_timeout": float("nan")}, {}, "--graceful-timeout must be > 0"),
@@ -53,7 +57,7 @@ def test_env_lists_and_handler():
     ({"queue": "amq.x"}, {}, "not a usable queue name"),
 ])
 def test_bad_values_name_the_option(flags, env, message):
-    with pytest.raises(SettingsError, match=message.replace("*", r"\*").replace("(", r"\(")):
+    with pytest.raises(SettingsError, match=re.escape(message)):
         resolve(H, flags, env)
 
 
@@ -86,6 +90,50 @@ def test_settings_are_frozen_and_picklable():
 def test_every_option_is_a_settings_field():
     fields = set(Settings.__dataclass_fields__)
     assert {opt.attr for opt in OPTIONS} <= fields
+
+
+# -- durations (flags come as text from argparse; the environment is text) ------------------
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("1500ms", 1.5), ("30s", 30.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5), ("10", 10.0),
+    (" 250 ms ", 0.25),
+])
+def test_durations_take_units_everywhere(text, seconds):
+    from_flag = resolve(H, {"graceful_timeout": text, "time_limit": text}, {})
+    assert from_flag.graceful_timeout == seconds and from_flag.time_limit == seconds
+    from_env = resolve(H, {}, {"RMQPOOL_GRACEFUL_TIMEOUT": text, "RMQPOOL_TIME_LIMIT": text})
+    assert from_env.graceful_timeout == seconds and from_env.time_limit == seconds
+
+
+def test_retry_delays_and_worker_timeout_take_units():
+    s = resolve(H, {"retry_delays": "1s,10s,1m", "worker_timeout": "1m"}, {})
+    assert s.retry_delays == (1.0, 10.0, 60.0) and s.worker_timeout == 60.0
+    env = {"RMQPOOL_RETRY_DELAYS": "500ms, 2s", "RMQPOOL_WORKER_TIMEOUT": "90s"}
+    s = resolve(H, {}, env)
+    assert s.retry_delays == (0.5, 2.0) and s.worker_timeout == 90.0
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("2000ms", 2), ("30s", 30), ("1m", 60), ("5", 5),
+                                               ("0", 0)])
+def test_heartbeat_is_whole_seconds(text, seconds):
+    s = resolve(H, {"heartbeat": text}, {})
+    assert s.heartbeat == seconds and isinstance(s.heartbeat, int)
+
+
+@pytest.mark.parametrize(("flags", "env", "message"), [
+    ({"retry_delays": "1s,10x"}, {}, "--retry-delays '1s,10x' is not a list of durations: "
+                                     "write e.g. 1s,10s,1m"),
+    ({}, {"RMQPOOL_RETRY_DELAYS": "1,soon"}, "RMQPOOL_RETRY_DELAYS '1,soon' is not a list"),
+    ({"graceful_timeout": "soon"}, {}, "--graceful-timeout 'soon' is not a duration: "
+                                       "write e.g. 30s, 1500ms or 2m"),
+    ({}, {"RMQPOOL_TIME_LIMIT": "5 min"}, "RMQPOOL_TIME_LIMIT '5 min' is not a duration"),
+    ({"heartbeat": "1500ms"}, {}, "--heartbeat '1500ms' is not a whole number of seconds"),
+    ({}, {"RMQPOOL_HEARTBEAT": "1.5"}, "RMQPOOL_HEARTBEAT '1.5' is not a whole number"),
+    ({"worker_timeout": "1500ms"}, {}, "--worker-timeout 1.5 is too short"),
+    ({"graceful_timeout": "-1s"}, {}, "--graceful-timeout must be > 0"),
+])
+def test_bad_durations_name_the_option_and_give_an_example(flags, env, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        resolve(H, flags, env)
 
 
 # -- typos -------------------------------------------------------------------------------------
