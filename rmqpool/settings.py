@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import topology
+
 ENV_PREFIX = "RMQPOOL_"
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_QUEUE = "rmqpool"
@@ -99,6 +101,39 @@ def durations(text: str) -> tuple[float, ...]:
                            "(a bare number is seconds)") from None
 
 
+ArgValue = int | bool | str
+INTEGER = re.compile(r"[-+]?\d+")
+FORCE_STR = "str:"
+
+
+def arg_value(text: str) -> ArgValue:
+    """The typing rule of --queue-arg values: integers become ints, true/false bools,
+    anything else a string; "str:" in front keeps the rest a string ("str:123")."""
+    if text.startswith(FORCE_STR):
+        return text[len(FORCE_STR):]
+    if INTEGER.fullmatch(text):
+        return int(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def arg_text(value: ArgValue) -> str:
+    """What to write for `value` so that arg_value() gives it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return value if arg_value(value) == value else FORCE_STR + value
+
+
+def queue_arg(text: str) -> tuple[str, ArgValue]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise _Unparseable("is not KEY=VALUE: write e.g. x-max-length=10000")
+    return key.strip(), arg_value(value.strip())
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 OPTIONS: tuple[Option, ...] = (
@@ -117,6 +152,10 @@ OPTIONS: tuple[Option, ...] = (
            "binding key of the queue to --exchange; repeatable (env: comma-separated)", "KEY",
            repeatable=True, shown_default="the queue name"),
     Option("queue-type", str, "classic", "type of the work queue", choices=("classic", "quorum")),
+    Option("queue-arg", queue_arg, (),
+           "an argument of the work queue's declaration, e.g. x-max-length=10000 (ints and "
+           "true/false are typed, str:123 forces a string); repeatable (env: comma-separated)",
+           "KEY=VALUE", repeatable=True, shown_default="none"),
     Option("graceful-timeout", duration, 30.0,
            "time in-flight handlers get to finish on shutdown", "DURATION"),
     Option("heartbeat", whole_seconds, 30,
@@ -172,6 +211,7 @@ class Settings:
     exchange_type: str = "direct"
     routing_key: tuple[str, ...] = ()
     queue_type: str = "classic"
+    queue_arg: tuple[tuple[str, ArgValue], ...] = ()
     graceful_timeout: float = 30.0
     heartbeat: int = 30
     worker_timeout: float = 30.0
@@ -199,6 +239,11 @@ class Settings:
     @property
     def binding_keys(self) -> tuple[str, ...]:
         return self.routing_key or (self.queue,)
+
+    @property
+    def queue_arguments(self) -> dict[str, ArgValue]:
+        """--queue-arg as the work queue's declare arguments."""
+        return dict(self.queue_arg)
 
     def validate(self) -> Settings:
         _check_handler_spec(self.handler)
@@ -239,6 +284,7 @@ class Settings:
                                 "0.2 spreads a 10 s retry over 8-10 s")
         if self.time_limit < 0:
             raise SettingsError(f"--time-limit must be >= 0 seconds (got {self.time_limit})")
+        _check_queue_args(self)
         _positive("max_worker_deaths", self.max_worker_deaths)
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"--metrics-port must be 0-65535 (got {self.metrics_port})")
@@ -269,6 +315,21 @@ def _positive(attr: str, value: float) -> None:
         opt = OPTIONS_BY_ATTR[attr]
         raise SettingsError(f"{opt.flag} must be > 0 (got {value:g}); "
                             f"set {opt.flag} or {opt.env} to a positive number")
+
+
+def _check_queue_args(s: Settings) -> None:
+    keys = [key for key, _ in s.queue_arg]
+    own = topology.own_work_queue_args(s.queue_type)
+    for key in keys:
+        if keys.count(key) > 1:
+            raise SettingsError(f"--queue-arg {key} is given {keys.count(key)} times; give it once")
+        if key == "x-queue-type":
+            raise SettingsError("--queue-arg x-queue-type: set the queue type with --queue-type "
+                                "classic or --queue-type quorum")
+        if key in own:
+            raise SettingsError(
+                f"--queue-arg {key}: rmqpool sets {key}={arg_text(own[key])} on {s.queue_type} "
+                "work queues itself; drop it")
 
 
 def _check_handler_spec(spec: str) -> None:

@@ -3,7 +3,16 @@ import re
 
 import pytest
 
-from rmqpool.settings import OPTIONS, Settings, SettingsError, redact_url, resolve, unknown_env
+from rmqpool.settings import (
+    OPTIONS,
+    Settings,
+    SettingsError,
+    arg_text,
+    arg_value,
+    redact_url,
+    resolve,
+    unknown_env,
+)
 
 H = "examples.handlers:handle"
 
@@ -136,11 +145,58 @@ def test_bad_durations_name_the_option_and_give_an_example(flags, env, message):
         resolve(H, flags, env)
 
 
+# -- --queue-arg -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "value"), [
+    ("10000", 10000), ("-1", -1), ("true", True), ("false", False), ("lazy", "lazy"),
+    ("", ""), ("1.5", "1.5"), ("str:123", "123"), ("str:true", "true"), ("str:", ""),
+    ("True", "True"), ("a=b", "a=b"),
+])
+def test_queue_arg_values_are_typed(text, value):
+    assert arg_value(text) == value and type(arg_value(text)) is type(value)
+    # arg_text writes what gives the value back (the 406 messages use it).
+    assert arg_value(arg_text(value)) == value and type(arg_value(arg_text(value))) is type(value)
+
+
+def test_queue_args_from_flags_and_env():
+    flags = {"queue_arg": ["x-max-length=10000", "x-single-active-consumer=true",
+                           "x-dead-letter-exchange=", "x-note=str:42"]}
+    s = resolve(H, flags, {})
+    assert s.queue_arguments == {"x-max-length": 10000, "x-single-active-consumer": True,
+                                 "x-dead-letter-exchange": "", "x-note": "42"}
+    env = {"RMQPOOL_QUEUE_ARG": "x-max-length=5, x-overflow=drop-head"}
+    assert resolve(H, {}, env).queue_arguments == {"x-max-length": 5, "x-overflow": "drop-head"}
+    assert resolve(H, flags, env).queue_arguments["x-max-length"] == 10000  # flags win
+    assert resolve(H, {}, {}).queue_arguments == {}
+
+
+@pytest.mark.parametrize(("flags", "env", "message"), [
+    ({"queue_arg": ["x-max-length"]}, {}, "--queue-arg 'x-max-length' is not KEY=VALUE: "
+                                          "write e.g. x-max-length=10000"),
+    ({"queue_arg": ["=5"]}, {}, "is not KEY=VALUE"),
+    ({}, {"RMQPOOL_QUEUE_ARG": "x-max-length=5,oops"}, "RMQPOOL_QUEUE_ARG 'oops' is not KEY=VALUE"),
+    ({"queue_arg": ["x-queue-type=quorum"]}, {}, "--queue-arg x-queue-type: set the queue type "
+                                                 "with --queue-type"),
+    ({"queue_arg": ["x-delivery-limit=5"], "queue_type": "quorum"}, {},
+     "--queue-arg x-delivery-limit: rmqpool sets x-delivery-limit=20 on quorum work queues"),
+    ({"queue_arg": ["x-dead-letter-exchange=dlx"], "queue_type": "quorum"}, {},
+     "rmqpool sets x-dead-letter-exchange= on quorum"),
+    ({"queue_arg": ["x-max-length=1", "x-max-length=2"]}, {}, "x-max-length is given 2 times"),
+])
+def test_bad_queue_args(flags, env, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        resolve(H, flags, env)
+
+
+def test_classic_queues_may_set_what_quorum_queues_get_from_rmqpool():
+    s = resolve(H, {"queue_arg": ["x-dead-letter-exchange=dlx", "x-overflow=reject-publish"]}, {})
+    assert s.queue_arguments["x-dead-letter-exchange"] == "dlx"
+
+
 # -- typos -------------------------------------------------------------------------------------
 def test_unknown_rmqpool_variables_are_named_with_the_closest_option():
     env = {"RMQPOOL_WROKERS": "2", "RMQPOOL_QUEU": "x", "RMQPOOL_HANDLR": "m:f",
            "RMQPOOL_ZZZZZZZZ": "1", "RMQPOOL_WORKERS": "1", "RMQPOOL_HANDLER": H,
-           "RABBITMQ_TEST_URL": "amqp://x/", "PATH": "/bin"}
+           "RMQPOOL_QUEUE_ARG": "a=1", "RABBITMQ_TEST_URL": "amqp://x/", "PATH": "/bin"}
     assert unknown_env(env) == [
         "RMQPOOL_HANDLR is not an rmqpool setting and is ignored; did you mean RMQPOOL_HANDLER?",
         "RMQPOOL_QUEU is not an rmqpool setting and is ignored; did you mean RMQPOOL_QUEUE?",
