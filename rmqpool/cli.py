@@ -11,7 +11,7 @@ from typing import NoReturn
 from . import __version__, exitcodes
 from . import log as rlog
 from .handler import HandlerError, load
-from .settings import OPTIONS, SettingsError, resolve
+from .settings import DURATION_HELP, OPTIONS, SettingsError, closest, resolve, unknown_env
 from .signals import SignalQueue
 
 EPILOG = """\
@@ -35,37 +35,47 @@ def _fail(message: str) -> NoReturn:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: `--work 2` would work today and break once another option starts
+    # with --work; a typo is an error that names the closest option instead.
     parser = _Parser(
         prog="rmqpool", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        allow_abbrev=False,
         description="Run HANDLER (MODULE:FUNCTION) in a pool of worker processes consuming a "
                     "RabbitMQ queue. Every option can also be set with the environment "
-                    "variable shown.")
+                    f"variable shown; {DURATION_HELP}.")
     parser.add_argument("handler", nargs="?", metavar="MODULE:FUNCTION",
                         help="the handler to run (env: RMQPOOL_HANDLER)")
     parser.add_argument("--version", action="version", version=f"rmqpool {__version__}")
     for opt in OPTIONS:
-        default = opt.default
-        if opt.repeatable:
-            default = "the queue name"
-        elif default is None:
-            default = "CPU count"
-        elif isinstance(default, tuple):
-            default = ",".join(f"{v:g}" for v in default)
-        help_text = f"{opt.help} [env: {opt.env}; default: {default}]"
-        kind = str if opt.repeatable else opt.kind
-        parser.add_argument(opt.flag, dest=opt.attr, type=kind, default=None, help=help_text,
-                            metavar=opt.metavar, choices=opt.choices,
-                            action="append" if opt.repeatable else "store")
+        # Values stay text here: settings converts flags and the environment alike, so
+        # both get the same errors.
+        parser.add_argument(opt.flag, dest=opt.attr, default=None, metavar=opt.metavar,
+                            help=f"{opt.help} [env: {opt.env}; default: {opt.default_text}]",
+                            choices=opt.choices, action="append" if opt.repeatable else "store")
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(argv)
+    unknown = next((arg.split("=", 1)[0] for arg in extra if arg.startswith("-")), None)
+    if unknown is not None:
+        guess = closest(unknown, ["--help", "--version", *(opt.flag for opt in OPTIONS)])
+        _fail(f"unknown option {unknown}" + (f"; did you mean {guess}?" if guess else "")
+              + " (see rmqpool --help)")
+    if extra:
+        _fail(f"unexpected argument {extra[0]!r}: give one MODULE:FUNCTION (see rmqpool --help)")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    for warning in unknown_env(os.environ):  # first: a misspelt variable may explain an error
+        print(f"rmqpool: warning: {warning}", file=sys.stderr)
+    args = _parse(build_parser(), argv)
     try:
         settings = resolve(args.handler, vars(args), os.environ)
     except SettingsError as exc:
         _fail(str(exc))
-    rlog.setup(settings.log_level, settings.log_format)
+    rlog.setup(settings.log_level, settings.log_format, settings.library_log_level)
     signals = SignalQueue().install()  # a signal during a slow import waits for the loop
     try:
         handler = load(settings.handler)

@@ -65,19 +65,23 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
+# The AMQP libraries under rmqpool, set apart by --library-log-level so that
+# --log-level debug shows one line per message, not every frame. Their warnings and
+# errors are mostly about reconnects rmqpool logs itself (a lost connection gives
+# tracebacks and failed channel-restore callbacks per worker), hence the default
+# critical. asyncio stays at rmqpool's level: it reports rmqpool's own failed tasks.
+LIBRARIES = ("aio_pika", "aiormq", "pamqp")
+
+
+def setup(level: str, fmt: str, library_level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aio-pika and aiormq log every failed reconnect attempt and closed-channel callback
-    # (some at ERROR) next to rmqpool's own line about the same event; show them only
-    # when debugging.
-    library_level = logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
-    logging.getLogger("aio_pika").setLevel(library_level)
-    logging.getLogger("aiormq").setLevel(library_level)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(library_level.upper())
     os.environ.setdefault("SPT_NOENV", "1")  # setproctitle must not clobber environ
 
 

@@ -7,22 +7,32 @@ Every option is declared once in OPTIONS; the CLI, the environment lookup, the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import topology
+
+ENV_PREFIX = "RMQPOOL_"
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_QUEUE = "rmqpool"
+# The longest x-message-ttl the broker accepts (10 years, in seconds): the longest retry.
+MAX_RETRY_DELAY = 315_360_000.0
 # The broker's default consumer_timeout (delivery acknowledgement timeout) on 3.10.
 BROKER_CONSUMER_TIMEOUT = 30 * 60.0
 
 
 class SettingsError(ValueError):
     """A bad option value; the message names the option and the fix."""
+
+
+class _Unparseable(ValueError):
+    """Raised by an option's kind; the message says what the value should look like."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,8 @@ class Option:
     help: str
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
-    repeatable: bool = False
+    repeatable: bool = False  # a flag per value; comma-separated in the environment
+    shown_default: str | None = None  # the default as --help says it, when not the value
 
     @property
     def flag(self) -> str:
@@ -41,22 +52,95 @@ class Option:
 
     @property
     def env(self) -> str:
-        return "RMQPOOL_" + self.name.upper().replace("-", "_")
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
 
     @property
     def attr(self) -> str:
         return self.name.replace("-", "_")
 
+    @property
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        unit = "s" if self.kind in (duration, whole_seconds, durations) else ""
+        values = self.default if isinstance(self.default, tuple) else (self.default,)
+        return ",".join(f"{v:g}{unit}" if isinstance(v, float | int) else str(v)
+                        for v in values)
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(",") if part.strip())
 
+# -- kinds: text -> value; each raises _Unparseable with an example ----------------------
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}  # "ms" before "s" and "m"
+DURATION_HELP = "durations take a unit: 1500ms, 30s, 2m, 1h; a bare number is seconds"
+
+
+def duration(text: str) -> float:
+    """Seconds from "1500ms", "30s", "2m", "1h" or a bare number of seconds."""
+    text = text.strip()
+    unit = next((unit for unit in _UNITS if text.endswith(unit)), "s")
+    try:
+        return float(text.removesuffix(unit)) * _UNITS[unit]
+    except ValueError:
+        raise _Unparseable("is not a duration: write e.g. 30s, 1500ms or 2m "
+                           "(a bare number is seconds)") from None
+
+
+def whole_seconds(text: str) -> int:
+    """A duration the wire carries in whole seconds (the AMQP heartbeat)."""
+    seconds = duration(text)
+    if not math.isfinite(seconds) or not seconds.is_integer():
+        raise _Unparseable("is not a whole number of seconds: AMQP negotiates the heartbeat "
+                           "in seconds; write e.g. 30s, 2s, 1m or 0 (off)")
+    return int(seconds)
+
+
+def durations(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(duration(part) for part in text.split(",") if part.strip())
+    except _Unparseable:
+        raise _Unparseable("is not a list of durations: write e.g. 1s,10s,1m "
+                           "(a bare number is seconds)") from None
+
+
+ArgValue = int | bool | str
+INTEGER = re.compile(r"[-+]?\d+")
+FORCE_STR = "str:"
+
+
+def arg_value(text: str) -> ArgValue:
+    """The typing rule of --queue-arg values: integers become ints, true/false bools,
+    anything else a string; "str:" in front keeps the rest a string ("str:123")."""
+    if text.startswith(FORCE_STR):
+        return text[len(FORCE_STR):]
+    if INTEGER.fullmatch(text):
+        return int(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def arg_text(value: ArgValue) -> str:
+    """What to write for `value` so that arg_value() gives it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return value if arg_value(value) == value else FORCE_STR + value
+
+
+def queue_arg(text: str) -> tuple[str, ArgValue]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise _Unparseable("is not KEY=VALUE: write e.g. x-max-length=10000")
+    return key.strip(), arg_value(value.strip())
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 OPTIONS: tuple[Option, ...] = (
     Option("url", str, DEFAULT_URL,
            "AMQP URL of the broker (RABBITMQ_URL is honoured too)", "URL"),
     Option("queue", str, DEFAULT_QUEUE, "queue to consume", "NAME"),
-    Option("workers", int, None, "worker processes", "N"),
+    Option("workers", int, None, "worker processes", "N", shown_default="CPU count"),
     Option("prefetch", int, 10, "unacked messages the broker sends each worker", "N"),
     Option("concurrency", int, 1,
            "handlers in flight per worker (threads for sync handlers)", "N"),
@@ -65,29 +149,38 @@ OPTIONS: tuple[Option, ...] = (
     Option("exchange-type", str, "direct", "type of --exchange",
            choices=("direct", "topic", "fanout", "headers")),
     Option("routing-key", str, (),
-           "binding key of the queue to --exchange; repeatable (env: comma-separated); "
-           "default: the queue name", "KEY", repeatable=True),
+           "binding key of the queue to --exchange; repeatable (env: comma-separated)", "KEY",
+           repeatable=True, shown_default="the queue name"),
     Option("queue-type", str, "classic", "type of the work queue", choices=("classic", "quorum")),
-    Option("graceful-timeout", float, 30.0,
-           "seconds in-flight handlers get to finish on shutdown", "SECONDS"),
-    Option("heartbeat", int, 30, "AMQP heartbeat interval in seconds", "SECONDS"),
-    Option("worker-timeout", float, 30.0,
-           "kill a worker whose event loop has not beaten for this long", "SECONDS"),
+    Option("queue-arg", queue_arg, (),
+           "an argument of the work queue's declaration, e.g. x-max-length=10000 (ints and "
+           "true/false are typed, str:123 forces a string); repeatable (env: comma-separated)",
+           "KEY=VALUE", repeatable=True, shown_default="none"),
+    Option("graceful-timeout", duration, 30.0,
+           "time in-flight handlers get to finish on shutdown", "DURATION"),
+    Option("heartbeat", whole_seconds, 30,
+           "AMQP heartbeat interval, whole seconds (0: off)", "DURATION"),
+    Option("worker-timeout", duration, 30.0,
+           "kill a worker whose event loop has not beaten for this long", "DURATION"),
     Option("max-retries", int, 3, "retries after the first attempt before dead-lettering", "N"),
-    Option("retry-delays", _floats, (1.0, 10.0, 60.0),
-           "comma-separated delay tiers in seconds; retry n waits tier min(n, last)", "S,S,..."),
+    Option("retry-delays", durations, (1.0, 10.0, 60.0),
+           "comma-separated delay tiers; retry n waits tier min(n, last)", "D,D,..."),
     Option("retry-jitter", float, 0.0,
            "spread each retry tier over [delay x (1 - jitter), delay] (4 queues per tier)",
            "FRACTION"),
-    Option("time-limit", float, 0.0,
-           "hard limit per message in seconds (0: none)", "SECONDS"),
+    Option("time-limit", duration, 0.0,
+           "hard limit per message (0: none)", "DURATION"),
     Option("max-worker-deaths", int, 3,
            "dead-letter a message after it killed or hung this many workers", "N"),
     Option("metrics-host", str, "0.0.0.0", "address /metrics, /healthz and /readyz bind to",
            "HOST"),
     Option("metrics-port", int, 9808, "port of /metrics, /healthz, /readyz (0: disabled)", "PORT"),
-    Option("log-level", str, "info", "log level",
+    Option("log-level", str, "info", "level of rmqpool's own log lines",
            choices=("debug", "info", "warning", "error")),
+    Option("library-log-level", str, "critical",
+           "level of aio-pika, aiormq and pamqp log lines (debug: every AMQP frame); "
+           "below critical, every reconnect logs their tracebacks next to rmqpool's own line",
+           choices=LOG_LEVELS),
     Option("log-format", str, "text", "log line format", choices=("text", "json")),
 )
 OPTIONS_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
@@ -118,6 +211,7 @@ class Settings:
     exchange_type: str = "direct"
     routing_key: tuple[str, ...] = ()
     queue_type: str = "classic"
+    queue_arg: tuple[tuple[str, ArgValue], ...] = ()
     graceful_timeout: float = 30.0
     heartbeat: int = 30
     worker_timeout: float = 30.0
@@ -129,6 +223,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9808
     log_level: str = "info"
+    library_log_level: str = "critical"
     log_format: str = "text"
 
     def __repr__(self) -> str:  # the password never reaches a log line
@@ -144,6 +239,11 @@ class Settings:
     @property
     def binding_keys(self) -> tuple[str, ...]:
         return self.routing_key or (self.queue,)
+
+    @property
+    def queue_arguments(self) -> dict[str, ArgValue]:
+        """--queue-arg as the work queue's declare arguments."""
+        return dict(self.queue_arg)
 
     def validate(self) -> Settings:
         _check_handler_spec(self.handler)
@@ -170,15 +270,21 @@ class Settings:
         if self.max_retries < 0:
             raise SettingsError(f"--max-retries must be >= 0 (got {self.max_retries})")
         if self.max_retries and not self.retry_delays:
-            raise SettingsError("--retry-delays is empty: give at least one delay, e.g. 1,10,60")
-        if any(d <= 0 for d in self.retry_delays):
+            raise SettingsError("--retry-delays is empty: give at least one delay, e.g. 1s,10s,1m")
+        if any(not d > 0 for d in self.retry_delays):  # `not >` also catches nan
             raise SettingsError(
                 f"--retry-delays must all be > 0 seconds (got {_fmt(self.retry_delays)})")
+        if any(not d <= MAX_RETRY_DELAY for d in self.retry_delays):
+            raise SettingsError(
+                f"--retry-delays {_fmt(self.retry_delays)}: the broker holds a message for "
+                "at most 10 years (3650 days, its limit for a queue's x-message-ttl); use "
+                "shorter delays")
         if not 0 <= self.retry_jitter < 1:
             raise SettingsError(f"--retry-jitter must be in [0, 1) (got {self.retry_jitter:g}); "
                                 "0.2 spreads a 10 s retry over 8-10 s")
         if self.time_limit < 0:
             raise SettingsError(f"--time-limit must be >= 0 seconds (got {self.time_limit})")
+        _check_queue_args(self)
         _positive("max_worker_deaths", self.max_worker_deaths)
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"--metrics-port must be 0-65535 (got {self.metrics_port})")
@@ -211,6 +317,21 @@ def _positive(attr: str, value: float) -> None:
                             f"set {opt.flag} or {opt.env} to a positive number")
 
 
+def _check_queue_args(s: Settings) -> None:
+    keys = [key for key, _ in s.queue_arg]
+    own = topology.own_work_queue_args(s.queue_type)
+    for key in keys:
+        if keys.count(key) > 1:
+            raise SettingsError(f"--queue-arg {key} is given {keys.count(key)} times; give it once")
+        if key == "x-queue-type":
+            raise SettingsError("--queue-arg x-queue-type: set the queue type with --queue-type "
+                                "classic or --queue-type quorum")
+        if key in own:
+            raise SettingsError(
+                f"--queue-arg {key}: rmqpool sets {key}={arg_text(own[key])} on {s.queue_type} "
+                "work queues itself; drop it")
+
+
 def _check_handler_spec(spec: str) -> None:
     if not _SPEC.match(spec):
         raise SettingsError(
@@ -234,26 +355,66 @@ def _check_url(url: str) -> None:
 
 
 def _convert(opt: Option, raw: str, source: str) -> Any:
+    """One value of `opt` from text; the error names `source`, the flag or the variable."""
     try:
-        if opt.repeatable:
-            return tuple(part.strip() for part in raw.split(",") if part.strip())
         return opt.kind(raw)
+    except _Unparseable as exc:
+        raise SettingsError(f"{source} {raw!r} {exc}") from None
     except ValueError:
         names: dict[Any, str] = {int: "an integer", float: "a number"}
-        kind = names.get(opt.kind, "a list of numbers")
-        raise SettingsError(f"{source} {raw!r} is not {kind}") from None
+        raise SettingsError(f"{source} {raw!r} is not {names.get(opt.kind, 'valid')}") from None
+
+
+def _from_flag(opt: Option, given: Any) -> Any:
+    """Flags come as text from the CLI (one value per repeated flag); values that are
+    already typed (Python callers, tests) pass through."""
+    def one(value: Any) -> Any:
+        return _convert(opt, value, opt.flag) if isinstance(value, str) else value
+
+    return tuple(one(value) for value in given) if opt.repeatable else one(given)
+
+
+def _from_env(opt: Option, raw: str) -> Any:
+    if opt.repeatable:
+        return tuple(_convert(opt, part.strip(), opt.env) for part in raw.split(",")
+                     if part.strip())
+    return _convert(opt, raw, opt.env)
+
+
+KNOWN_ENV = (*(opt.env for opt in OPTIONS), "RMQPOOL_HANDLER")
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like `word` (a typo's correction), if any is close."""
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """A warning for each RMQPOOL_* variable that is no option (a typo is ignored
+    otherwise), naming the closest one."""
+    known = {name.removeprefix(ENV_PREFIX): name for name in KNOWN_ENV}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in KNOWN_ENV:
+            continue
+        guess = closest(name.removeprefix(ENV_PREFIX), known)
+        hint = f"did you mean {known[guess]}?" if guess else "see rmqpool --help for the options"
+        warnings.append(f"{name} is not an rmqpool setting and is ignored; {hint}")
+    return warnings
 
 
 def resolve(handler: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
             cpu_count: int | None = None) -> Settings:
-    """Settings from parsed flags (None = not given), the environment and defaults."""
+    """Settings from flags (None = not given; text as argparse gives it, or typed values),
+    the environment and defaults."""
     values: dict[str, Any] = {}
     for opt in OPTIONS:
         given = flags.get(opt.attr)
-        if given is not None and given != []:
-            values[opt.attr] = tuple(given) if opt.repeatable else given
+        if given is not None and not (opt.repeatable and not given):
+            values[opt.attr] = _from_flag(opt, given)
         elif opt.env in env:
-            values[opt.attr] = _convert(opt, env[opt.env], opt.env)
+            values[opt.attr] = _from_env(opt, env[opt.env])
         elif opt.attr == "url" and "RABBITMQ_URL" in env:
             values[opt.attr] = env["RABBITMQ_URL"]
         elif opt.default is not None:

@@ -13,9 +13,10 @@ waits behind a longer one (per-message TTL blocks the head of the line).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .settings import Settings
+if TYPE_CHECKING:  # settings validates --queue-arg against own_work_queue_args()
+    from .settings import Settings
 
 # Headers rmqpool sets on the copies it republishes.
 H_ATTEMPT = "x-rmqpool-attempt"
@@ -70,12 +71,18 @@ def _type_args(queue_type: str) -> dict[str, Any]:
     return {}
 
 
-def work_queue(settings: Settings) -> QueueSpec:
-    args = _type_args(settings.queue_type)
-    if settings.queue_type == "quorum":
+def own_work_queue_args(queue_type: str, queue: str = "<queue>") -> dict[str, Any]:
+    """The work queue's arguments rmqpool sets itself (--queue-arg may not set them)."""
+    args = _type_args(queue_type)
+    if queue_type == "quorum":
         args |= {"x-delivery-limit": QUORUM_DELIVERY_LIMIT, "x-dead-letter-exchange": "",
-                 "x-dead-letter-routing-key": dlq_name(settings.queue)}
-    return QueueSpec(settings.queue, args)
+                 "x-dead-letter-routing-key": dlq_name(queue)}
+    return args
+
+
+def work_queue(settings: Settings) -> QueueSpec:
+    own = own_work_queue_args(settings.queue_type, settings.queue)
+    return QueueSpec(settings.queue, settings.queue_arguments | own)
 
 
 def retry_queue(settings: Settings, delay: float) -> QueueSpec:
@@ -124,6 +131,8 @@ def retry_delays(settings: Settings) -> list[float]:
 
 
 def all_queues(settings: Settings) -> list[QueueSpec]:
-    """The work queue, its retry tiers and its DLQ, in the order they are declared."""
+    """The work queue, its DLQ and its retry tiers, in the order they are declared: the
+    work queue first, so that a clash with an existing one (the usual 406) stops the
+    start before anything else is created."""
     tiers = [retry_queue(settings, d) for d in retry_delays(settings)]
-    return [dead_letter_queue(settings), *tiers, work_queue(settings)]
+    return [work_queue(settings), dead_letter_queue(settings), *tiers]

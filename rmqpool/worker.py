@@ -23,6 +23,7 @@ import uvloop
 from . import control, exitcodes, topology
 from .broker_errors import BROKER_ERRORS
 from .consumer import Consumer
+from .declare import TopologyRefused, declare_topology
 from .dispatch import Dispatcher
 from .handler import Handler
 from .outcome import Death
@@ -194,31 +195,14 @@ class Worker:
         self._channel = channel
         await channel.set_qos(prefetch_count=s.prefetch)
         try:
-            queues = {}
-            for spec in topology.all_queues(s):
-                queues[spec.name] = await channel.declare_queue(
-                    spec.name, durable=True, arguments=spec.arguments)
-            if s.exchange:
-                exchange = await self._declare_exchange(channel)
-                for key in s.binding_keys:
-                    await queues[s.queue].bind(exchange, routing_key=key)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise Fatal(exitcodes.TOPOLOGY, _precondition_message(exc)) from None
-        except aiormq.exceptions.ChannelAccessRefused as exc:
-            raise Fatal(exitcodes.BROKER_REFUSED,
-                        f"the broker refused to declare the topology ({_reply_text(exc)}); "
-                        "grant the user configure permission on the vhost") from None
+            await declare_topology(connection, channel, s)
+        except TopologyRefused as refused:
+            raise Fatal(refused.code, str(refused)) from None
         if s.time_limit >= BROKER_CONSUMER_TIMEOUT and self.slot == 0:
             log.warning("--time-limit %gs is at or above the broker's consumer_timeout (%gs): "
                         "the broker closes the channel before the limit fires; lower it",
                         s.time_limit, BROKER_CONSUMER_TIMEOUT)
         return channel
-
-    async def _declare_exchange(self, channel: Any) -> Any:
-        s = self.settings
-        if s.exchange.startswith("amq."):
-            return await channel.get_exchange(s.exchange, ensure=True)
-        return await channel.declare_exchange(s.exchange, type=s.exchange_type, durable=True)
 
     async def _redeclare(self) -> None:
         """Declare the queues again (after a publish found one missing). On the raw
@@ -299,15 +283,3 @@ class Worker:
         except TimeoutError:
             self._verdicts.pop(key, None)
             return control.Verdict()
-
-
-def _reply_text(exc: BaseException) -> str:
-    return str(exc.args[-1] if exc.args else exc)
-
-
-def _precondition_message(exc: BaseException) -> str:
-    text = _reply_text(exc)
-    return (f"the broker refused the topology: {text}. A queue or exchange already exists "
-            "with other arguments: delete it (rabbitmqctl delete_queue NAME) or use the options "
-            "it was created with")
-

@@ -22,7 +22,7 @@ private_broker = support_broker.private_broker  # the fixture (also importable f
 
 # The shared broker (never stopped by tests); same variable as tests/support/amqp.py.
 _SHARED = urllib.parse.urlsplit(
-    os.environ.get("RMQPOOL_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    os.environ.get("RABBITMQ_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/"))
 SHARED_HOST, SHARED_PORT = _SHARED.hostname or "127.0.0.1", _SHARED.port or 5672
 
 

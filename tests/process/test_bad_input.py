@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from rmqpool import topology
 from tests.support import amqp
 from tests.support.pool import ROOT, Pool, free_port, wait_for
 
@@ -102,7 +103,13 @@ def test_handler_attribute_not_callable(tmp_path):
     (["--queue-type", "unknown"], ["--queue-type", "'unknown'", "classic", "quorum"]),
     (["--url", "http://127.0.0.1:5672/"], ["--url", "'http'", "amqp://"]),
     (["--workers", "many"], ["--workers", "'many'"]),
-], ids=["workers-0", "prefetch-neg", "queue-type", "url-scheme", "workers-nan"])
+    (["--retry-delays", "1s,ten"], ["--retry-delays", "'1s,ten'", "e.g. 1s,10s,1m"]),
+    (["--graceful-timeout", "soon"], ["--graceful-timeout", "'soon'", "e.g. 30s"]),
+    (["--heartbeat", "1500ms"], ["--heartbeat", "'1500ms'", "whole number of seconds"]),
+    (["--queue-arg", "x-max-length"], ["--queue-arg", "KEY=VALUE", "x-max-length=10000"]),
+    (["--queue-arg", "x-queue-type=quorum"], ["--queue-arg x-queue-type", "--queue-type"]),
+], ids=["workers-0", "prefetch-neg", "queue-type", "url-scheme", "workers-nan", "retry-delays",
+        "graceful-timeout", "heartbeat-ms", "queue-arg-no-value", "queue-arg-type"])
 def test_bad_option(args, needles):
     code, out, elapsed = run_cli(HANDLER, *args)
     assert_usage_error(code, out, elapsed, *needles)
@@ -112,6 +119,70 @@ def test_bad_option(args, needles):
 def test_bad_option_from_env():
     code, out, elapsed = run_cli(HANDLER, env={"RMQPOOL_WORKERS": "0"})
     assert_usage_error(code, out, elapsed, "RMQPOOL_WORKERS", "got 0")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("args, flag, guess", [
+    (["--wrokers", "2"], "--wrokers", "--workers"),
+    (["--wrokers=2"], "--wrokers", "--workers"),
+    (["--work", "2"], "--work", "--workers"),  # no abbreviations: a typo must not slip through
+    (["--log-levl", "debug"], "--log-levl", "--log-level"),
+    (["--queue-args", "a=1"], "--queue-args", "--queue-arg"),
+])
+def test_unknown_flag_is_a_usage_error_naming_the_closest(args, flag, guess):
+    code, out, elapsed = run_cli(HANDLER, *args)
+    assert_usage_error(code, out, elapsed, f"unknown option {flag}", f"did you mean {guess}?")
+
+
+@pytest.mark.timeout(30)
+def test_unknown_flag_without_a_close_one():
+    code, out, elapsed = run_cli(HANDLER, "--zzzzzz")
+    assert_usage_error(code, out, elapsed, "unknown option --zzzzzz", "rmqpool --help")
+    assert "did you mean" not in out
+
+
+@pytest.mark.timeout(30)
+def test_unknown_rmqpool_variables_are_warned_about_on_stderr_first():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RMQPOOL_WROKERS": "2", "RMQPOOL_QUEU": "x"}
+    proc = subprocess.run([sys.executable, "-m", "rmqpool", HANDLER, "--workers", "0",
+                           "--metrics-port", "0"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=20)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.splitlines() == [
+        "rmqpool: warning: RMQPOOL_QUEU is not an rmqpool setting and is ignored; "
+        "did you mean RMQPOOL_QUEUE?",
+        "rmqpool: warning: RMQPOOL_WROKERS is not an rmqpool setting and is ignored; "
+        "did you mean RMQPOOL_WORKERS?",
+        "rmqpool: error: --workers must be > 0 (got 0); set --workers or RMQPOOL_WORKERS to a "
+        "positive number",
+    ]
+
+
+@pytest.mark.timeout(30)
+def test_a_misspelt_variable_is_warned_about_before_the_pool_starts(queue, tmp_path):
+    with Pool(HANDLER, "--queue", queue, "--workers", "1", tmp_path=tmp_path,
+              env={"RMQPOOL_WROKERS": "2", "RECORD_FILE": str(tmp_path / "r")}) as pool:
+        pool.wait_ready(15)
+        assert len(pool.worker_pids()) == 1  # ignored, as the warning says
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0, pool.log()
+    first, second = pool.log().splitlines()[:2]
+    assert first == ("rmqpool: warning: RMQPOOL_WROKERS is not an rmqpool setting and is "
+                     "ignored; did you mean RMQPOOL_WORKERS?")
+    assert "starting" in second or "serving" in second, second
+
+
+@pytest.mark.timeout(30)
+def test_durations_with_units(queue, tmp_path):
+    with Pool(HANDLER, "--queue", queue, "--workers", "1", "--retry-delays", "1s,10s",
+              "--graceful-timeout", "1500ms", "--heartbeat", "2000ms", "--worker-timeout", "1m",
+              tmp_path=tmp_path, env={"RMQPOOL_TIME_LIMIT": "1m",
+                                      "RECORD_FILE": str(tmp_path / "r")}) as pool:
+        pool.wait_ready(15)
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0, pool.log()
+    assert amqp.count(topology.retry_queue_name(queue, 1)) == 0
+    assert amqp.count(topology.retry_queue_name(queue, 10)) == 0
 
 
 @pytest.mark.timeout(30)
@@ -186,6 +257,67 @@ def test_queue_with_other_arguments_is_fatal_without_a_restart_loop(queue, tmp_p
     assert out.count("restarting") <= 1, out
     # The queue was not touched.
     assert amqp.count(queue) == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_queue_arg_the_broker_does_not_accept_is_named(queue):
+    code, out, _ = run_cli(HANDLER, "--queue", queue, "--workers", "1",
+                           "--queue-arg", "x-max-length=-1")
+    assert code == 4, out
+    assert (f"the broker does not accept --queue-arg x-max-length=-1 for queue '{queue}' "
+            "({value_negative,-1}); fix or drop it") in out, out
+    assert all(amqp.count(name) is None for name in amqp.pool_queues(queue)), out
+
+
+def _absent(queue: str, delays: tuple[float, ...] = (1.0, 10.0, 60.0)) -> list[str]:
+    return [name for name in amqp.pool_queues(queue, delays)[1:] if amqp.count(name) is None]
+
+
+@pytest.mark.timeout(40)
+def test_a_406_names_the_queue_arg_that_fits_and_following_it_works(queue, tmp_path):
+    amqp.declare(queue, arguments={"x-max-length": 5})
+    code, out, _ = run_cli(HANDLER, "--queue", queue, "--workers", "1")
+    assert code == 4, out
+    assert (f"queue '{queue}' has x-max-length=5: run with --queue-arg x-max-length=5 to use it "
+            "as it is, or delete it to change it") in out, out
+    # The work queue is declared first: its clash created no retry or dead-letter queue.
+    assert len(_absent(queue)) == 4, out
+    with Pool(HANDLER, "--queue", queue, "--workers", "1", "--queue-arg", "x-max-length=5",
+              tmp_path=tmp_path, env={"RECORD_FILE": str(tmp_path / "r")}) as pool:
+        pool.wait_ready(15)
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0, pool.log()
+
+
+@pytest.mark.timeout(30)
+def test_quorum_on_a_classic_queue_says_so_and_leaves_nothing_behind(queue):
+    amqp.declare(queue)
+    code, out, _ = run_cli(HANDLER, "--queue", queue, "--workers", "2", "--queue-type", "quorum")
+    assert code == 4, out
+    assert (f"queue '{queue}' is a classic queue; --queue-type quorum needs a new queue (delete "
+            "it or use another --queue)") in out, out
+    assert len(_absent(queue)) == 4, out
+    assert amqp.count(queue) == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_a_refused_start_leaves_no_queue_and_keeps_those_that_existed(queue, workers):
+    # A 10 s tier that exists as rmqpool declares it, and a 60 s tier with another TTL.
+    # Declared in order, the work queue, the DLQ and the 1 s tier would be created
+    # before the 60 s tier is refused; with 4 workers starting at once, one would take
+    # another's new queues for old ones and leave them behind.
+    ten, sixty = (topology.retry_queue_name(queue, d) for d in (10, 60))
+    amqp.declare(ten, arguments={"x-message-ttl": 10000, "x-dead-letter-exchange": "",
+                                 "x-dead-letter-routing-key": queue})
+    amqp.declare(sixty, arguments={"x-message-ttl": 1000})
+    code, out, _ = run_cli(HANDLER, "--queue", queue, "--workers", workers)
+    assert code == 4, out
+    assert (f"queue '{sixty}' has x-message-ttl=1000, but rmqpool declares it with "
+            "x-message-ttl=60000: delete it or use another --queue") in out, out
+    assert amqp.count(queue) is None and amqp.count(topology.dlq_name(queue)) is None, out
+    assert amqp.count(topology.retry_queue_name(queue, 1)) is None, out
+    assert amqp.count(ten) == 0 and amqp.count(sixty) == 0  # they existed before: kept
 
 
 @pytest.mark.timeout(30)

@@ -12,7 +12,7 @@ from typing import Any
 
 import aio_pika
 
-URL = os.environ.get("RMQPOOL_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+URL = os.environ.get("RABBITMQ_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 # Every queue a test session creates starts with this, so the session can delete

@@ -9,8 +9,8 @@ def test_names_and_arguments_classic():
     assert queues["jobs"] == {}
     assert queues["jobs.retry.250ms"] == {
         "x-message-ttl": 250, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "jobs"}
-    # The work queue is declared last: its dead-letter target must exist first.
-    assert t.all_queues(s)[-1].name == "jobs"
+    # The work queue is declared first: a clash with an existing one creates nothing else.
+    assert t.all_queues(s)[0].name == "jobs"
 
 
 def test_quorum_queues_dead_letter_at_least_once():
@@ -31,3 +31,14 @@ def test_jitter_spreads_each_tier_over_its_own_queues():
     names = {q.name for q in t.all_queues(s)}
     assert {"j.retry.700ms", "j.retry.1s", "j.retry.7s", "j.retry.10s"} <= names
     assert len(names) == 2 + 8
+
+
+def test_queue_args_go_to_the_work_queue_only():
+    s = resolve("m:f", {"queue": "jobs", "queue_arg": ["x-max-length=5"]}, {})
+    queues = {q.name: q.arguments for q in t.all_queues(s)}
+    assert queues["jobs"] == {"x-max-length": 5}
+    assert all("x-max-length" not in args for name, args in queues.items() if name != "jobs")
+    s = resolve("m:f", {"queue": "jobs", "queue_type": "quorum",
+                        "queue_arg": ["x-max-length=5"]}, {})
+    own = t.own_work_queue_args("quorum", "jobs")
+    assert t.work_queue(s).arguments == {"x-max-length": 5, **own}
