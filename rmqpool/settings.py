@@ -186,6 +186,11 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
 
 
+def _default(attr: str) -> Any:
+    """Settings' defaults are the options' own: each default is written once, in OPTIONS."""
+    return OPTIONS_BY_ATTR[attr].default
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ***, for logs and reprs."""
     try:
@@ -202,29 +207,29 @@ def redact_url(url: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     handler: str
-    url: str = field(default=DEFAULT_URL, repr=False)
-    queue: str = DEFAULT_QUEUE
-    workers: int = 1
-    prefetch: int = 10
-    concurrency: int = 1
-    exchange: str = ""
-    exchange_type: str = "direct"
-    routing_key: tuple[str, ...] = ()
-    queue_type: str = "classic"
-    queue_arg: tuple[tuple[str, ArgValue], ...] = ()
-    graceful_timeout: float = 30.0
-    heartbeat: int = 30
-    worker_timeout: float = 30.0
-    max_retries: int = 3
-    retry_delays: tuple[float, ...] = (1.0, 10.0, 60.0)
-    retry_jitter: float = 0.0
-    time_limit: float = 0.0
-    max_worker_deaths: int = 3
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9808
-    log_level: str = "info"
-    library_log_level: str = "critical"
-    log_format: str = "text"
+    url: str = field(default=_default("url"), repr=False)
+    queue: str = _default("queue")
+    workers: int = 1  # resolve() gives the CPU count (the option's default)
+    prefetch: int = _default("prefetch")
+    concurrency: int = _default("concurrency")
+    exchange: str = _default("exchange")
+    exchange_type: str = _default("exchange_type")
+    routing_key: tuple[str, ...] = _default("routing_key")
+    queue_type: str = _default("queue_type")
+    queue_arg: tuple[tuple[str, ArgValue], ...] = _default("queue_arg")
+    graceful_timeout: float = _default("graceful_timeout")
+    heartbeat: int = _default("heartbeat")
+    worker_timeout: float = _default("worker_timeout")
+    max_retries: int = _default("max_retries")
+    retry_delays: tuple[float, ...] = _default("retry_delays")
+    retry_jitter: float = _default("retry_jitter")
+    time_limit: float = _default("time_limit")
+    max_worker_deaths: int = _default("max_worker_deaths")
+    metrics_host: str = _default("metrics_host")
+    metrics_port: int = _default("metrics_port")
+    log_level: str = _default("log_level")
+    library_log_level: str = _default("library_log_level")
+    log_format: str = _default("log_format")
 
     def __repr__(self) -> str:  # the password never reaches a log line
         fields = ", ".join(

@@ -212,3 +212,15 @@ def test_library_log_level_defaults_to_critical():
     assert resolve(H, {}, {"RMQPOOL_LIBRARY_LOG_LEVEL": "debug"}).library_log_level == "debug"
     with pytest.raises(SettingsError, match="--library-log-level 'loud' is not one of debug"):
         resolve(H, {"library_log_level": "loud"}, {})
+
+
+def test_every_option_is_a_settings_field_with_the_options_default():
+    import dataclasses
+
+    from rmqpool.settings import OPTIONS, Settings
+
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    for opt in OPTIONS:
+        assert opt.attr in fields, opt.attr
+        if opt.default is not None:
+            assert fields[opt.attr] == opt.default, opt.attr
