@@ -1,9 +1,9 @@
 """The supervisor process: synchronous, no event loop, no AMQP connection.
 
-Its main loop is four named steps, run at least every LOOP_INTERVAL seconds and
+Its main loop is five named steps, run at least every LOOP_INTERVAL seconds and
 whenever a signal, a worker message or an HTTP request arrives:
 
-    handle signals -> reap dead workers -> check health -> reconcile slots
+    handle signals -> reap dead workers -> check health -> reconcile slots -> serve http
 
 Signal handlers only record the signal (a wakeup fd wakes the loop); all work,
 logging included, happens in the loop.
@@ -87,6 +87,7 @@ class Supervisor:
             self._reap()
             self._check_health()
             self._reconcile()
+            self._serve_http()
         if self._http is not None:
             self._http.close()
         log.info("supervisor exiting: %s", exitcodes.DESCRIPTIONS.get(self.exit_code, ""))
@@ -355,8 +356,8 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> WorkerProcess:
         close = [*self._extra_fds, *(w.end.fileno() for w in self.workers.values())]
-        if self._http is not None:  # an open HTTP request must not live on in the worker
-            close += self._http.client_fds()
+        if self._http is not None:  # its listener and open requests must not live on in a worker
+            close += self._http.fds()
         worker = spawn(self.settings, slot, self.generation, self.handler, close)
         worker.generation = self.generation
         self.workers[worker.pid] = worker
@@ -426,8 +427,12 @@ class Supervisor:
             raise SettingsError(
                 f"cannot serve metrics on {s.metrics_host}:{s.metrics_port} ({exc}); use "
                 "another --metrics-host/--metrics-port, or --metrics-port 0 to disable") from None
-        self._selector.register(self._http.fileno(), selectors.EVENT_READ, self._http.handle)
-        self._extra_fds.append(self._http.fileno())
+        self._selector.register(self._http.fileno(), selectors.EVENT_READ, self._http.serve)
+
+    def _serve_http(self) -> None:
+        """Also when nothing is ready: serve() closes connections past their deadline."""
+        if self._http is not None:
+            self._http.serve()
 
     def _title(self) -> None:
         setproctitle.setproctitle(
