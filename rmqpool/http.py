@@ -192,8 +192,11 @@ class HttpServer:
 
     def _restore(self, now: float) -> None:
         if self._resume_at is not None and now >= self._resume_at:
-            self._selector.register(self._listener, selectors.EVENT_READ, None)
-            self._resume_at = None
+            try:
+                self._selector.register(self._listener, selectors.EVENT_READ, None)
+                self._resume_at = None
+            except OSError:  # ENOMEM: try again after another backoff
+                self._resume_at = now + ACCEPT_BACKOFF
         if self._pressure_since is not None and now - self._pressure_since >= FD_PRESSURE_HOLD:
             log.info("metrics endpoint: accepting up to %d connections again", self.max_clients)
             self._cap = self.max_clients

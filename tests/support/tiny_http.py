@@ -1,16 +1,19 @@
 """An HttpServer in a process of its own, for tests that change process-wide limits,
 which they must never do to the pytest process:
 
-    python -m tests.support.tiny_http NOFILE
+    python -m tests.support.tiny_http NOFILE [-v]
 
 lowers its open files limit to NOFILE, prints its port, and serves (as the supervisor
 does: wait on fileno() for up to 0.25 s, then serve()) until its stdin closes, then
-exits 0. A raise from serve() exits 1 with the traceback on stderr.
+exits 0. A raise from serve() exits 1 with the traceback on stderr. Commands on
+stdin, one byte each: "h" opens fds until none is left (prints "hogged"), "f" closes
+them again (prints "freed").
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import selectors
 import sys
@@ -27,10 +30,33 @@ def main() -> None:
     print(server.port, flush=True)
     selector = selectors.DefaultSelector()
     selector.register(server.fileno(), selectors.EVENT_READ)
-    selector.register(sys.stdin, selectors.EVENT_READ)
-    while not any(key.fileobj is sys.stdin for key, _ in selector.select(0.25)):
+    selector.register(0, selectors.EVENT_READ)
+    hog: list[int] = []
+    while True:
+        if any(key.fd == 0 for key, _ in selector.select(0.25)):
+            commands = os.read(0, 64)
+            if not commands:
+                break
+            for command in commands.decode():
+                if command == "h":
+                    hog += _all_free_fds()
+                    print("hogged", flush=True)
+                elif command == "f":
+                    for fd in hog:
+                        os.close(fd)
+                    hog.clear()
+                    print("freed", flush=True)
         server.serve()
     server.close()
+
+
+def _all_free_fds() -> list[int]:
+    fds = []
+    while True:
+        try:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            return fds
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ serve() never raised and never blocked.
 
 from __future__ import annotations
 
+import os
+import pathlib
 import select
 import socket
 import subprocess
@@ -207,18 +209,48 @@ def test_clients_that_reset_mid_request_and_mid_response(served):
     wait_for(lambda: s.connections() == 0, 5, "every reset connection released")
 
 
+class TinyServer:
+    """tests/support/tiny_http: an HttpServer with its open files limit lowered, in a
+    process of its own (never lower it in the pytest process)."""
+
+    def __init__(self, log: pathlib.Path, nofile: int) -> None:
+        self.log = log
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.tiny_http", str(nofile)], cwd=ROOT,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        self.port = int(self.said())
+
+    def said(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().decode().strip()
+
+    def command(self, command: bytes) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command)
+        self.proc.stdin.flush()
+        return self.said()
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
+        return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        """Close its stdin, and check it exited 0 without a traceback."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        code = self.proc.wait(10)
+        self.proc.stdout.close()
+        assert code == 0 and "Traceback" not in self.log.read_text(), self.log.read_text()
+
+
 @pytest.mark.timeout(30)
 def test_out_of_file_descriptors_it_keeps_serving(tmp_path):
-    """The open files limit is lowered in a process of its own (tests/support/tiny_http)."""
-    log = tmp_path / "server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.support.tiny_http", "40"],
-                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=err)
-    assert proc.stdin is not None and proc.stdout is not None
+    server = TinyServer(tmp_path / "server.log", nofile=40)
+    log, port = server.log, server.port
     idle: list[socket.socket] = []
     try:
-        port = int(proc.stdout.readline())
         idle = [connect(port) for _ in range(80)]  # twice what its fds allow
         wait_for(lambda: "no free file descriptor" in log.read_text(), 10, "accept() out of fds")
         assert get(port, "/") == (200, b"ok\n"), "at the limit, a new request is served"
@@ -227,11 +259,24 @@ def test_out_of_file_descriptors_it_keeps_serving(tmp_path):
         for _ in range(20):
             assert get(port, "/") == (200, b"ok\n")
         assert log.read_text().count("no free file descriptor") == 1, "one warning an episode"
-        assert proc.poll() is None, log.read_text()
     finally:
         for sock in idle:
             sock.close()
-        proc.stdin.close()
-        code = proc.wait(10)
-        proc.stdout.close()
-    assert code == 0 and "Traceback" not in log.read_text(), log.read_text()
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_with_no_fd_left_at_all_it_pauses_accepting_then_serves_again(tmp_path):
+    server = TinyServer(tmp_path / "server.log", nofile=64)
+    try:
+        assert server.command(b"h") == "hogged"  # every fd taken, none by its clients
+        with connect(server.port) as sock:
+            sock.sendall(GET % b"/")
+            wait_for(lambda: "no free file descriptor" in server.log.read_text(), 5, "EMFILE")
+            cpu = server.cpu_seconds()
+            time.sleep(1.0)  # a window to measure its CPU in, not a wait for anything
+            assert server.cpu_seconds() - cpu < 0.3, "it spins on a listener it cannot accept"
+            assert server.command(b"f") == "freed"
+            assert status_and_body(read_all(sock)) == (200, b"ok\n"), "accepted after backoff"
+    finally:
+        server.stop()
