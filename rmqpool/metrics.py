@@ -8,11 +8,8 @@ restarts and no files pile up. Workers are labelled by slot, never by pid.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import selectors
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -28,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import control, topology
 from . import scoreboard as sb
+from .http import HttpServer
 from .outcome import REASONS
 from .process import Restart, WorkerProcess
 from .settings import Settings
@@ -160,93 +158,34 @@ def health(sup: PoolView) -> dict[str, Any]:
 
 
 class MetricsServer:
-    """A tiny HTTP/1.0 server driven by the supervisor's selector: no thread, so fork
-    stays safe. Each request is small; responses are written with a short timeout."""
+    """The routes; all I/O is HttpServer's (non-blocking, no thread, so fork stays safe).
+    The supervisor watches fileno() and calls serve() at least every 0.25 s."""
 
     def __init__(self, sup: PoolView) -> None:
         self.sup = sup
-        self._sel = selectors.DefaultSelector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(sup))
         s = sup.settings
-        family = socket.AF_INET6 if ":" in s.metrics_host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((s.metrics_host, s.metrics_port))
-        self.sock.listen(64)
-        self.sock.setblocking(False)
-        self._sel.register(self.sock.fileno(), selectors.EVENT_READ, self.handle)
-        self._clients: dict[int, tuple[socket.socket, bytes, float]] = {}
+        self.server = HttpServer(s.metrics_host, s.metrics_port, self.respond)
         log.info("serving /metrics, /healthz and /readyz on http://%s:%d",
-                 s.metrics_host, self.sock.getsockname()[1])
+                 s.metrics_host, self.server.port)
 
     def fileno(self) -> int:
-        return self._sel.fileno()
-
-    def fds(self) -> list[int]:
-        return [self.sock.fileno(), self._sel.fileno(), *self._clients]
+        return self.server.fileno()
 
     def serve(self) -> None:
-        for key, _ in self._sel.select(0):
-            key.data()
+        self.server.serve()
 
-    def handle(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            conn.setblocking(False)
-            fd = conn.fileno()
-            self._clients[fd] = (conn, b"", time.monotonic())
-            self._sel.register(fd, selectors.EVENT_READ, functools.partial(self._read, fd))
-            self._expire()
+    def fds(self) -> list[int]:
+        return self.server.fds()
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for fd, (_conn, _, since) in list(self._clients.items()):
-            if now - since > 5.0:
-                self._drop(fd)
+    def close(self) -> None:
+        self.server.close()
 
-    def _drop(self, fd: int) -> None:
-        conn, _, _ = self._clients.pop(fd)
-        self._sel.unregister(fd)
-        conn.close()
-
-    def _read(self, fd: int) -> None:
-        conn, buf, since = self._clients[fd]
-        try:
-            data = conn.recv(8192)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(fd)
-            return
-        buf += data
-        if b"\r\n\r\n" not in buf and b"\n\n" not in buf and len(buf) < 16384:
-            self._clients[fd] = (conn, buf, since)
-            return
-        self._sel.unregister(fd)
-        del self._clients[fd]
-        try:
-            conn.setblocking(True)
-            conn.settimeout(2.0)
-            conn.sendall(self._respond(buf))
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def _respond(self, request: bytes) -> bytes:
-        line = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0].decode("latin-1")
-        parts = line.split()
-        path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-        if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-            return _http(405, "text/plain", b"method not allowed\n")
+    def respond(self, method: str, target: str) -> tuple[int, str, bytes]:
+        path = target.split("?", 1)[0]
         if path == "/metrics":
-            return _http(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path in ("/healthz", "/readyz"):
             body = health(self.sup)
             ok = True
@@ -255,19 +194,5 @@ class MetricsServer:
                 ok = self.sup.state == "running" and ready >= self.sup.desired
                 body["ready"] = ok
             body["status"] = "ok" if ok else "unavailable"
-            return _http(200 if ok else 503, "application/json",
-                         json.dumps(body).encode() + b"\n")
-        return _http(404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n")
-
-    def close(self) -> None:
-        for fd in list(self._clients):
-            self._drop(fd)
-        self.sock.close()
-
-
-def _http(status: int, content_type: str, body: bytes) -> bytes:
-    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
-              503: "Service Unavailable"}[status]
-    head = (f"HTTP/1.0 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode() + body
+            return 200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n"
+        return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"

@@ -21,7 +21,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import setproctitle
 
@@ -32,6 +32,9 @@ from .process import ExitKind, Kill, Restart, WorkerProcess, classify_exit, desc
 from .scoreboard import N_INT, Running, Scoreboard
 from .settings import Settings
 from .signals import SignalQueue
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = logging.getLogger("rmqpool.supervisor")
 
@@ -175,8 +178,7 @@ class Supervisor:
         self.signals = signals or SignalQueue()
         self._selector = selectors.DefaultSelector()
         self._asks: list[tuple[WorkerProcess, control.Ask]] = []
-        self._http_ready = False
-        self._http: Any = None
+        self._http: MetricsServer | None = None
 
     # -- the main loop --------------------------------------------------------------
     def run(self) -> int:
@@ -211,7 +213,7 @@ class Supervisor:
             if key.data is _WAKEUP:
                 self.signals.clear_wakeup()
             elif key.data is _HTTP:
-                self._http_ready = True
+                pass  # served every pass (_serve_http)
             else:
                 workers.append(key.data)
         return workers
@@ -538,8 +540,9 @@ class Supervisor:
         self._selector.register(self._http.fileno(), selectors.EVENT_READ, _HTTP)
 
     def _serve_http(self) -> None:
-        if self._http_ready:
-            self._http_ready = False
+        """Every pass, ready or not: serve() also closes connections past their deadline
+        (an idle connection never makes the server's fd readable)."""
+        if self._http is not None:
             self._http.serve()
 
     def _title(self) -> None:
