@@ -305,7 +305,9 @@ class Supervisor:
     def _dispatch_control(self, worker: WorkerProcess,
                           messages: list[control.ToSupervisor]) -> None:
         for msg in messages:
-            self._control_actions[msg["t"]](self, worker, msg)
+            action = self._control_actions.get(msg["t"])  # a valid message, maybe not for us
+            if action is not None:
+                action(self, worker, msg)
 
     def _on_beat(self, worker: WorkerProcess, _msg: Any) -> None:
         worker.last_beat = time.monotonic()
