@@ -39,7 +39,9 @@ def test_exit_codes_are_documented():
 def test_first_screen_commands_and_ci_agree():
     first_screen = README.split("\n## ")[0]
     assert "bash examples/demo.sh" in first_screen and "bash .ci/run" in first_screen
-    test_command = re.search(r"then runs: (.+?)\)", first_screen, re.S).group(1).strip()
+    m = re.search(r"then runs: (.+?)\)", first_screen, re.S)
+    assert m is not None
+    test_command = m.group(1).strip()
     assert test_command in (ROOT / ".ci/run").read_text()
 
 
@@ -70,7 +72,9 @@ def test_demo_command_runs_the_pool_and_drains_on_ctrl_c(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_readme_handler_example_runs(queue, tmp_path):
-    code = re.search(r"```python\n(# handlers.py.*?)```", README, re.S).group(1)
+    m = re.search(r"```python\n(# handlers.py.*?)```", README, re.S)
+    assert m is not None
+    code = m.group(1)
     (tmp_path / "readme_handlers.py").write_text(code)
     with Pool("readme_handlers:handle", "--queue", queue, "--workers", "1", tmp_path=tmp_path,
               env={"PYTHONPATH": f"{ROOT}:{tmp_path}"}) as pool:

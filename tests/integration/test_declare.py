@@ -20,11 +20,14 @@ def test_only_empty_unused_queues_are_deleted():
         amqp.declare(name)
     amqp.publish(full, [{"n": 1}])
 
+    async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass  # never called: `used` stays empty
+
     async def go() -> None:
         connection = await aio_pika.connect(amqp.URL)
         async with connection:
             channel = await connection.channel()
-            consumer = await (await channel.get_queue(used)).consume(lambda message: None)
+            consumer = await (await channel.get_queue(used)).consume(ignore)
             assert connection.transport is not None
             await delete_created(connection.transport.connection, [empty, full, used, gone])
             await (await channel.get_queue(used)).cancel(consumer)

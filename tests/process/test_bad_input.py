@@ -337,6 +337,7 @@ def test_unreachable_broker_is_retried_with_backoff_until_stopped(queue, tmp_pat
         delays = [d for _, d in got]
         growing = all(b > a for a, b in zip(delays, delays[1:], strict=False))
         assert growing, f"backoff not growing: {delays}"
+        assert pool.proc is not None
         assert pool.proc.poll() is None, "the pool gave up"
         status, body = pool.get("/readyz")
         assert status == 503, body

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import signal
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ HANDLER = "tests.support.handlers:record"
 LIBRARIES = ("aiormq", "aio_pika", "pamqp")
 
 
-def _records(pool: Pool) -> list[dict]:
+def _records(pool: Pool) -> list[dict[str, Any]]:
     return [json.loads(line) for line in pool.log().splitlines()]  # every line is JSON
 
 

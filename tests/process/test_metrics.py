@@ -27,18 +27,29 @@ def test_counters_are_exact_across_a_worker_kill(queue, record_file, tmp_path):
         # Several kills in the middle of the run, each while acks are in flight: the
         # acks a killed process had written but not sent are lost with it.
         for round_ in range(1, 5):
-            wait_for(lambda r=round_: len(read_times(record_file, "done")) > 100 * r, 30,
-                     f"{100 * round_} messages done")
+            def done(r: int = round_) -> bool:
+                return len(read_times(record_file, "done")) > 100 * r
+
+            wait_for(done, 30, f"{100 * round_} messages done")
             before = pool.metric("rmqpool_messages_processed_total", queue=queue,
                                  outcome="acked")
             victim = pool.worker_pids()[round_ % 3]
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda v=victim: v not in pool.worker_pids() and pool.is_ready(), 10,
-                     "the worker replaced")
+
+            def replaced(v: int = victim) -> bool:
+                return v not in pool.worker_pids() and pool.is_ready()
+
+            wait_for(replaced, 10, "the worker replaced")
             after = pool.metric("rmqpool_messages_processed_total", queue=queue,
                                 outcome="acked")
             assert after >= before, "a counter went backwards across a worker restart"
-        wait_for(lambda: amqp.count(t.dlq_name(queue)) >= k, 60, "every bad one dead-lettered")
+
+        def dead_letters() -> int:
+            count = amqp.count(t.dlq_name(queue))
+            assert count is not None, "no DLQ"
+            return count
+
+        wait_for(lambda: dead_letters() >= k, 60, "every bad one dead-lettered")
         wait_for(lambda: set(good) <= set(read_times(record_file, "done")), 30, "good ones done")
 
         def settled():

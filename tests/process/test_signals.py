@@ -82,6 +82,7 @@ def test_second_stop_signal_kills_workers_and_requeues(queue, record_file, tmp_p
     with Pool(BEHAVE, "--queue", queue, "--workers", "2", "--prefetch", "3",
               "--graceful-timeout", "60", tmp_path=tmp_path, env=_env(record_file)) as pool:
         wait_for(lambda: len(_started(record_file)) >= 2, 20, "two handlers running")
+        assert pool.proc is not None
         # Ctrl-C in a terminal signals the whole process group, workers included.
         send = (lambda sig: os.killpg(pool.proc.pid, sig)) if group else pool.signal
         send(signal.SIGINT if group else signal.SIGTERM)
@@ -333,13 +334,17 @@ def test_sigttin_sigttou_scale_by_one(queue, tmp_path):
         assert state() == (1, 1, 1)
         for want in (2, 3):
             pool.signal(signal.SIGTTIN)
-            wait_for(lambda w=want: state() == (w, w, w) and pool.is_ready(), 15,
-                     f"{want} workers after SIGTTIN (have {state()})")
+            def grown(w: int = want) -> bool:
+                return state() == (w, w, w) and pool.is_ready()
+
+            wait_for(grown, 15, f"{want} workers after SIGTTIN (have {state()})")
         assert int(pool.metric("rmqpool_workers", state="ready")) == 3
         for want in (2, 1):
             pool.signal(signal.SIGTTOU)
-            wait_for(lambda w=want: state() == (w, w, w), 15,
-                     f"{want} workers after SIGTTOU (have {state()})")
+            def shrunk(w: int = want) -> bool:
+                return state() == (w, w, w)
+
+            wait_for(shrunk, 15, f"{want} workers after SIGTTOU (have {state()})")
         # Never below one.
         pool.signal(signal.SIGTTOU)
         wait_for(lambda: pool.log().count("SIGTTOU") >= 3, 5, "third SIGTTOU handled")

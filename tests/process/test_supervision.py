@@ -167,6 +167,7 @@ def test_worker_crashing_right_after_start_restarts_with_backoff(queue, tmp_path
         wait_for(lambda: len(delays()) >= 3, 30, "three backoff restarts")
         got = delays()
         assert got == sorted(got) and len(set(got)) == len(got), f"delays not growing: {got}"
+        assert pool.proc is not None
         assert pool.proc.poll() is None, "the supervisor gave up"
         assert pool.get("/healthz")[0] == 200
         assert pool.metric("rmqpool_worker_restarts_total", reason="crash") >= 4
@@ -183,6 +184,7 @@ def test_process_titles_and_log_identity(queue, record_file, tmp_path):
         pool.wait_ready()
         amqp.publish(queue, [{"n": i} for i in range(5)])
         wait_for(lambda: len(read_records(record_file)) >= 5, 10, "handled")
+        assert pool.proc is not None
         sup = pool.proc.pid
         assert proc_args(sup).startswith("rmqpool: supervisor"), proc_args(sup)
         workers = {w["slot"]: w["pid"] for w in pool.health()["workers"]}

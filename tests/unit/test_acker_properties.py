@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any, cast
 
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -78,7 +80,7 @@ def test_frames_are_sent_in_decision_order(operations, suspensions):
     asyncio.run(_run(operations, suspensions))
 
 
-async def _run(operations: list[tuple], suspensions: list[int]) -> None:
+async def _run(operations: list[tuple[Any, ...]], suspensions: list[int]) -> None:
     acker = Acker()
     channels = [ModelChannel(1, suspensions)]
     decided: dict[tuple[int, int], str] = {}  # (channel, tag) -> "ack" | "nack"
@@ -93,7 +95,7 @@ async def _run(operations: list[tuple], suspensions: list[int]) -> None:
                 next_tag[current.number] += 1
                 current.outstanding.add(tag)
                 delivery = raw(current, tag)
-                acker.received(delivery)
+                acker.received(cast(DeliveredMessage, delivery))
                 unsettled.append(delivery)
         elif op[0] == "ack" and unsettled:
             picked = {unsettled[i % len(unsettled)].delivery.delivery_tag: unsettled[i % len(
@@ -101,11 +103,12 @@ async def _run(operations: list[tuple], suspensions: list[int]) -> None:
             for r in picked.values():
                 unsettled.remove(r)
                 decided[(r.channel.number, r.delivery.delivery_tag)] = "ack"
-            tasks.append(asyncio.create_task(acker.ack(list(picked.values()))))
+            acked = cast(list[DeliveredMessage], list(picked.values()))
+            tasks.append(asyncio.create_task(acker.ack(acked)))
         elif op[0] == "nack" and unsettled:
             r = unsettled.pop(op[1] % len(unsettled))
             decided[(r.channel.number, r.delivery.delivery_tag)] = "nack"
-            tasks.append(asyncio.create_task(acker.nack(r)))
+            tasks.append(asyncio.create_task(acker.nack(cast(DeliveredMessage, r))))
         elif op[0] == "replace":
             current.is_closed = True  # the broker requeues what it had outstanding
             channels.append(ModelChannel(current.number + 1, suspensions))

@@ -1,7 +1,7 @@
 import pytest
 
 from rmqpool.exceptions import MalformedMessage, Reject, Retry, TimeLimitExceeded, WorkerDied
-from rmqpool.outcome import Action, Outcome, Policy, charge, decide
+from rmqpool.outcome import Action, Outcome, Policy, Reason, charge, decide
 
 P = Policy(max_retries=3, delays=(1.0, 10.0, 60.0), max_worker_deaths=3)
 
@@ -12,20 +12,20 @@ P = Policy(max_retries=3, delays=(1.0, 10.0, 60.0), max_worker_deaths=3)
     (ValueError("x"), 1, Outcome(Action.RETRY, delay=1.0)),
     (ValueError("x"), 2, Outcome(Action.RETRY, delay=10.0)),
     (ValueError("x"), 3, Outcome(Action.RETRY, delay=60.0)),
-    (ValueError("x"), 4, Outcome(Action.DEAD_LETTER, reason="max_retries")),
-    (ValueError("x"), 9, Outcome(Action.DEAD_LETTER, reason="max_retries")),
-    (Reject("no"), 1, Outcome(Action.DEAD_LETTER, reason="rejected")),
-    (MalformedMessage("bad"), 1, Outcome(Action.DEAD_LETTER, reason="malformed")),
+    (ValueError("x"), 4, Outcome(Action.DEAD_LETTER, reason=Reason.MAX_RETRIES)),
+    (ValueError("x"), 9, Outcome(Action.DEAD_LETTER, reason=Reason.MAX_RETRIES)),
+    (Reject("no"), 1, Outcome(Action.DEAD_LETTER, reason=Reason.REJECTED)),
+    (MalformedMessage("bad"), 1, Outcome(Action.DEAD_LETTER, reason=Reason.MALFORMED)),
     (Retry(delay=5), 1, Outcome(Action.RETRY, delay=5.0)),
-    (Retry(delay=5), 4, Outcome(Action.DEAD_LETTER, reason="max_retries")),
+    (Retry(delay=5), 4, Outcome(Action.DEAD_LETTER, reason=Reason.MAX_RETRIES)),
     (Retry(), 2, Outcome(Action.RETRY, delay=10.0)),
     (TimeLimitExceeded("slow"), 1, Outcome(Action.RETRY, delay=1.0)),
-    (TimeLimitExceeded("slow"), 4, Outcome(Action.DEAD_LETTER, reason="time_limit")),
+    (TimeLimitExceeded("slow"), 4, Outcome(Action.DEAD_LETTER, reason=Reason.TIME_LIMIT)),
     (WorkerDied(1, "crash"), 1, Outcome(Action.RETRY, delay=1.0)),
-    (WorkerDied(3, "crash"), 1, Outcome(Action.DEAD_LETTER, reason="poison")),
-    (WorkerDied(3, "heartbeat"), 1, Outcome(Action.DEAD_LETTER, reason="poison")),
-    (WorkerDied(3, "time_limit"), 1, Outcome(Action.DEAD_LETTER, reason="time_limit")),
-    (WorkerDied(1, "time_limit"), 4, Outcome(Action.DEAD_LETTER, reason="time_limit")),
+    (WorkerDied(3, "crash"), 1, Outcome(Action.DEAD_LETTER, reason=Reason.POISON)),
+    (WorkerDied(3, "heartbeat"), 1, Outcome(Action.DEAD_LETTER, reason=Reason.POISON)),
+    (WorkerDied(3, "time_limit"), 1, Outcome(Action.DEAD_LETTER, reason=Reason.TIME_LIMIT)),
+    (WorkerDied(1, "time_limit"), 4, Outcome(Action.DEAD_LETTER, reason=Reason.TIME_LIMIT)),
 ])
 def test_decide(exc, attempt, expected):
     assert decide(exc, attempt, P) == expected
@@ -38,7 +38,7 @@ def test_delays_past_the_last_tier_reuse_it():
 
 def test_no_retries_dead_letters_the_first_failure():
     assert decide(KeyError("k"), 1, Policy(0, (1.0,), 3)) == Outcome(
-        Action.DEAD_LETTER, reason="max_retries")
+        Action.DEAD_LETTER, reason=Reason.MAX_RETRIES)
 
 
 @pytest.mark.parametrize("delay", [0, -1, float("nan"), float("inf"), 8 * 86400, True, "5"])
@@ -55,9 +55,9 @@ def test_retry_accepts_ints_and_floats():
     (0, "", None),
     (1, "crash", None),
     (2, "heartbeat", None),
-    (3, "crash", Outcome(Action.DEAD_LETTER, reason="poison")),
+    (3, "crash", Outcome(Action.DEAD_LETTER, reason=Reason.POISON)),
     (1, "time_limit", Outcome(Action.RETRY, delay=1.0)),
-    (3, "time_limit", Outcome(Action.DEAD_LETTER, reason="time_limit")),
+    (3, "time_limit", Outcome(Action.DEAD_LETTER, reason=Reason.TIME_LIMIT)),
 ])
 def test_charge_for_worker_deaths(deaths, reason, expected):
     failure = charge(deaths, reason, P)

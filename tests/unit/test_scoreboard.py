@@ -1,19 +1,19 @@
 from rmqpool import scoreboard as sb
-from rmqpool.outcome import Action
+from rmqpool.outcome import Action, Reason
 
 
 def test_settle_counts_and_histogram():
     board = sb.Scoreboard(concurrency=2, queues=3)
-    board.settle(Action.ACK, "", 0.003, first_attempt=True)
-    board.settle(Action.RETRY, "", 0.2, first_attempt=True)
-    board.settle(Action.DEAD_LETTER, "max_retries", 7.0, first_attempt=False)
-    board.settle(Action.DEAD_LETTER, "malformed", -1.0, first_attempt=True)
+    board.settle(Action.ACK, None, 0.003, first_attempt=True)
+    board.settle(Action.RETRY, None, 0.2, first_attempt=True)
+    board.settle(Action.DEAD_LETTER, Reason.MAX_RETRIES, 7.0, first_attempt=False)
+    board.settle(Action.DEAD_LETTER, Reason.MALFORMED, -1.0, first_attempt=True)
     cells = board.counters()
     assert cells[sb.RECEIVED] == 3
     assert cells[sb.PROCESSED["acked"]] == 1
     assert cells[sb.PROCESSED["retried"]] == 1
     assert cells[sb.PROCESSED["dead_lettered"]] == 2
-    assert cells[sb.DEAD["max_retries"]] == 1 and cells[sb.DEAD["malformed"]] == 1
+    assert cells[sb.DEAD[Reason.MAX_RETRIES]] == 1 and cells[sb.DEAD[Reason.MALFORMED]] == 1
     assert cells[sb.DURATION_COUNT] == 3  # the malformed one never ran
     cumulative = sb.buckets_cumulative(cells)
     assert cumulative[-1] == 3
