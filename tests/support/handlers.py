@@ -13,10 +13,10 @@ import rmqpool
 
 def _record(message: rmqpool.Message, extra: str = "") -> None:
     line = f"{message.message_id} {message.attempt} {os.getpid()} {extra} {time.time()}\n"
-    line = line.encode()
+    data = line.encode()
     fd = os.open(os.environ["RECORD_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        os.write(fd, data)
     finally:
         os.close(fd)
 
