@@ -64,8 +64,12 @@ class Consumer:
         self._draining = False
 
     async def start(self) -> None:
+        """Consume, then start the executors: if consuming fails (the connection went),
+        nothing is left running. Deliveries wait in the inbox meanwhile."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        await self._consume()
+        self._channel.reopen_callbacks.add(self._on_reopen)
         self._settle_task = asyncio.create_task(self._settle_forever(), name="rmqpool-settler")
         for index in range(self._concurrency):
             if self._threaded:
@@ -75,8 +79,6 @@ class Consumer:
                 self._executors.append(exited)
             else:
                 self._executors.append(asyncio.create_task(self._task_main(index)))
-        await self._consume()
-        self._channel.reopen_callbacks.add(self._on_reopen)
 
     async def _consume(self) -> None:
         raw = await self._channel.get_underlay_channel()

@@ -84,17 +84,18 @@ class Worker:
         await self.control.open()
         side = [asyncio.create_task(self._beat()), asyncio.create_task(self._commands())]
         try:
-            connection = await self._connect()
-            if connection is None:
-                return exitcodes.OK  # asked to stop before the broker was reachable
-            channel = await self._open_channel(connection)
-            self._tiers = Tiers(self.settings, connection)
-            dispatcher = Dispatcher(self.handler, self.settings, self.board, self._ask)
-            settler = Settler(self.settings, self.slot, self.board, Publisher(channel),
-                              self._tiers, self._redeclare, self._charge)
-            consumer = Consumer(channel, self.settings.queue, dispatcher, settler,
-                                self.settings.concurrency, self._ready, self._consumer_lost)
-            await consumer.start()
+            while True:
+                connection = await self._connect()
+                if connection is None:
+                    return exitcodes.OK  # asked to stop before the broker was reachable
+                try:
+                    consumer = await self._start_consuming(connection)
+                    break
+                except BROKER_ERRORS as exc:  # the connection went while we set up
+                    log.warning("connection to %s lost while setting up (%s: %s); connecting "
+                                "again", self.settings.safe_url, type(exc).__name__, exc)
+                    await self._close()
+                    self._connection = None
             # A channel of its own: a passive declare of a deleted queue closes its channel.
             polling = await connection.channel(publisher_confirms=False)
             side.append(asyncio.create_task(self._poll_depths(polling)))
@@ -113,6 +114,18 @@ class Worker:
         finally:
             for task in side:
                 task.cancel()
+
+    async def _start_consuming(self, connection: aio_pika.abc.AbstractRobustConnection
+                               ) -> Consumer:
+        channel = await self._open_channel(connection)
+        self._tiers = Tiers(self.settings, connection)
+        dispatcher = Dispatcher(self.handler, self.settings, self.board, self._ask)
+        settler = Settler(self.settings, self.slot, self.board, Publisher(channel),
+                          self._tiers, self._redeclare, self._charge)
+        consumer = Consumer(channel, self.settings.queue, dispatcher, settler,
+                            self.settings.concurrency, self._ready, self._consumer_lost)
+        await consumer.start()
+        return consumer
 
     def request_stop(self, deadline: float) -> None:
         if self.drain_deadline is None or deadline < self.drain_deadline:
