@@ -91,14 +91,16 @@ class Worker:
                 try:
                     consumer = await self._start_consuming(connection)
                     break
-                except BROKER_ERRORS as exc:  # the connection went while we set up
+                except Exception as exc:
+                    # aiormq raises a bare Exception for some calls cut by a lost connection
+                    if isinstance(exc, Fatal) or not (isinstance(exc, BROKER_ERRORS)
+                                                      or connection.is_closed):
+                        raise
                     log.warning("connection to %s lost while setting up (%s: %s); connecting "
                                 "again", self.settings.safe_url, type(exc).__name__, exc)
                     await self._close()
                     self._connection = None
-            # A channel of its own: a passive declare of a deleted queue closes its channel.
-            polling = await connection.channel(publisher_confirms=False)
-            side.append(asyncio.create_task(self._poll_depths(polling)))
+            side.append(asyncio.create_task(self._poll_depths(connection)))
             await self._stop.wait()
             drained = await consumer.drain(self.drain_deadline or 0.0)
             await self._close()
@@ -247,19 +249,24 @@ class Worker:
             if os.getppid() != self.supervisor_pid:
                 self._orphaned("the supervisor is gone (parent pid changed)")
 
-    async def _poll_depths(self, channel: aio_pika.abc.AbstractRobustChannel) -> None:
+    async def _poll_depths(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         """Ready messages in the work queue, its retry tiers and its DLQ, for metrics.
-        The supervisor has no broker connection of its own: it reports the freshest poll."""
+        The supervisor has no broker connection of its own: it reports the freshest poll.
+        On a channel of its own (a passive declare of a deleted queue closes its channel),
+        opened here: a side path whose failures are logged, never raised."""
         names = [spec.name for spec in topology.all_queues(self.settings)]
+        channel: aio_pika.abc.AbstractChannel | None = None
         while True:
             try:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel(publisher_confirms=False)
                 raw = await channel.get_underlay_channel()
                 depths = []
                 for name in names:
                     ok = await raw.queue_declare(name, passive=True)
                     depths.append(ok.message_count or 0)
                 self.board.set_depths(depths)
-            except BROKER_ERRORS as exc:
+            except Exception as exc:  # BROKER_ERRORS, and aiormq's bare Exception when cut
                 log.debug("polling queue depths failed: %s", exc)
             await asyncio.sleep(DEPTH_INTERVAL)
 
