@@ -454,6 +454,14 @@ class Supervisor:
         for worker in list(self.workers.values()):
             if worker.kill_reason is not None:
                 continue
+            if s.time_limit and not self.handler.is_async:  # draining or not: a hard limit
+                overdue = [r for r in worker.board.running() if now - r.started > s.time_limit]
+                if overdue:
+                    log.error("%s: message %s has run %.1fs, past --time-limit %gs; killing the "
+                              "worker (sync handlers cannot be interrupted)", worker,
+                              _ids(overdue), now - overdue[0].started, s.time_limit)
+                    self._kill(worker, Kill.TIME_LIMIT, overdue, Death.TIME_LIMIT)
+                    continue
             if worker.draining_since is not None:
                 if now - worker.draining_since > s.graceful_timeout + KILL_GRACE:
                     log.error("%s did not finish draining within %gs; killing it", worker,
@@ -467,14 +475,6 @@ class Supervisor:
                           "a handler is holding the loop or the GIL; killing it (running: %s)",
                           worker, silent, s.worker_timeout, _ids(running))
                 self._kill(worker, Kill.HEARTBEAT, running, Death.HEARTBEAT)
-                continue
-            if s.time_limit and not self.handler.is_async:
-                overdue = [r for r in worker.board.running() if now - r.started > s.time_limit]
-                if overdue:
-                    log.error("%s: message %s has run %.1fs, past --time-limit %gs; killing the "
-                              "worker (sync handlers cannot be interrupted)", worker,
-                              _ids(overdue), now - overdue[0].started, s.time_limit)
-                    self._kill(worker, Kill.TIME_LIMIT, overdue, Death.TIME_LIMIT)
 
     # -- reconciling ---------------------------------------------------------------------------
     def _reconcile(self) -> None:
