@@ -30,7 +30,7 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 
 from . import exitcodes
-from .broker_errors import BROKER_ERRORS
+from .broker_errors import BROKER_ERRORS, translated
 from .dispatch import Attempt, Dispatcher
 from .settle import Settler
 
@@ -197,7 +197,8 @@ class Consumer:
         raw, tag = self._raw, self._tag
         if raw is not None and tag is not None and not raw.is_closed:
             try:
-                await asyncio.wait_for(raw.basic_cancel(tag), timeout=min(5.0, timeout))
+                with translated():
+                    await asyncio.wait_for(raw.basic_cancel(tag), timeout=min(5.0, timeout))
             except BROKER_ERRORS as exc:
                 log.warning("cancelling the consumer failed (%s); closing the connection "
                             "returns unstarted messages instead", exc)

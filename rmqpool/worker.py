@@ -21,7 +21,7 @@ import setproctitle
 import uvloop
 
 from . import control, exitcodes, topology
-from .broker_errors import BROKER_ERRORS
+from .broker_errors import BROKER_ERRORS, translated
 from .consumer import Consumer
 from .declare import TopologyRefused, declare_topology
 from .dispatch import Dispatcher
@@ -89,13 +89,10 @@ class Worker:
                 if connection is None:
                     return exitcodes.OK  # asked to stop before the broker was reachable
                 try:
-                    consumer = await self._start_consuming(connection)
+                    with translated():
+                        consumer = await self._start_consuming(connection)
                     break
-                except Exception as exc:
-                    # aiormq raises a bare Exception for some calls cut by a lost connection
-                    if isinstance(exc, Fatal) or not (isinstance(exc, BROKER_ERRORS)
-                                                      or connection.is_closed):
-                        raise
+                except BROKER_ERRORS as exc:
                     log.warning("connection to %s lost while setting up (%s: %s); connecting "
                                 "again", self.settings.safe_url, type(exc).__name__, exc)
                     await self._close()
@@ -266,7 +263,7 @@ class Worker:
                     ok = await raw.queue_declare(name, passive=True)
                     depths.append(ok.message_count or 0)
                 self.board.set_depths(depths)
-            except Exception as exc:  # BROKER_ERRORS, and aiormq's bare Exception when cut
+            except Exception as exc:  # a side path for metrics: never raised
                 log.debug("polling queue depths failed: %s", exc)
             await asyncio.sleep(DEPTH_INTERVAL)
 
