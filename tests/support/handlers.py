@@ -83,14 +83,17 @@ async def behave_async(body: Any, message: rmqpool.Message) -> None:
     behave(body, message)
 
 
-def read_records(path: os.PathLike[str] | str) -> list[tuple[str, int, int, str]]:
+def _lines(path: os.PathLike[str] | str) -> list[str]:
     try:
         with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
+            return f.read().splitlines()
+    except FileNotFoundError:  # nothing recorded yet
         return []
+
+
+def read_records(path: os.PathLike[str] | str) -> list[tuple[str, int, int, str]]:
     out = []
-    for line in lines:
+    for line in _lines(path):
         mid, attempt, pid, *extra = line.split(" ")
         out.append((mid, int(attempt), int(pid), extra[0] if extra else ""))
     return out
@@ -99,12 +102,7 @@ def read_records(path: os.PathLike[str] | str) -> list[tuple[str, int, int, str]
 def read_times(path: os.PathLike[str] | str, tag: str = "start") -> dict[str, list[float]]:
     """message id -> wall-clock times of its records with `tag`, in order."""
     out: dict[str, list[float]] = {}
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:  # nothing recorded yet
-        return out
-    for line in lines:
+    for line in _lines(path):
         mid, _, _, extra, ts, *_ = line.split(" ")
         if extra == tag:
             out.setdefault(mid, []).append(float(ts))
@@ -114,12 +112,7 @@ def read_times(path: os.PathLike[str] | str, tag: str = "start") -> dict[str, li
 def read_tokens(path: os.PathLike[str] | str, tag: str = "done") -> collections.Counter[str]:
     """token -> how many records with `tag` carry it (lines without a token are skipped)."""
     out: collections.Counter[str] = collections.Counter()
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:  # nothing recorded yet
-        return out
-    for line in lines:
+    for line in _lines(path):
         fields = line.split(" ")
         if len(fields) == 6 and fields[3] == tag:
             out[fields[5]] += 1
