@@ -47,3 +47,22 @@ class WorkerDied(Exception):
 
 class MalformedMessage(Exception):
     """The body could not be decoded as its content type claims."""
+
+
+class PublishError(Exception):
+    """The broker did not take a message: nacked, a missing exchange, refused, or not
+    confirmed in time. The message says which, and what to do."""
+
+
+class Unroutable(PublishError):
+    """Published with mandatory=True, but no queue is bound to its routing key."""
+
+
+class RemoteError(Exception):
+    """An RPC request was dead-lettered by the pool that handled it."""
+
+    def __init__(self, reason: str, type: str, message: str) -> None:
+        super().__init__(f"{reason}: {type}: {message}" if type else reason)
+        self.reason = reason
+        self.type = type
+        self.message = message

@@ -18,6 +18,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from .exceptions import MalformedMessage
+from .outgoing import Outgoing, outgoing
 from .topology import H_ATTEMPT, H_EXCHANGE, H_ROUTING_KEY
 
 _TEXT_ENCODINGS = {None, "", "utf-8", "utf8", "UTF-8"}
@@ -104,7 +105,7 @@ class Message:
     __slots__ = ("body", "headers", "routing_key", "exchange", "redelivered", "attempt",
                  "message_id", "correlation_id", "reply_to", "content_type",
                  "content_encoding", "timestamp", "type", "app_id", "priority", "expiration",
-                 "delivery_tag")
+                 "delivery_tag", "outputs")
 
     def __init__(self, raw: DeliveredMessage, attempt: int) -> None:
         props = raw.header.properties
@@ -128,6 +129,24 @@ class Message:
         self.priority: int | None = props.priority
         self.expiration: str | None = props.expiration
         self.delivery_tag: int = cast(int, delivery.delivery_tag)
+        self.outputs: list[Outgoing] = []  # what publish() asked for, sent after success
+
+    def publish(self, body: Any, *, routing_key: str, exchange: str = "",
+                headers: dict[str, Any] | None = None, message_id: str | None = None,
+                correlation_id: str | None = None, priority: int | None = None,
+                expiration: float | str | None = None, persistent: bool = True,
+                mandatory: bool = True) -> str:
+        """Publish a follow-up message through this worker's connection, from a sync or an
+        async handler; returns its message id. Nothing is sent until the handler returns:
+        the output of an attempt that fails is dropped (its retry publishes again), and
+        all of it is confirmed by the broker before this message is acked. A body that
+        cannot be encoded raises TypeError here, in the handler."""
+        message = outgoing(body, routing_key=routing_key, exchange=exchange, headers=headers,
+                           message_id=message_id, correlation_id=correlation_id,
+                           priority=priority, expiration=expiration, persistent=persistent,
+                           mandatory=mandatory)
+        self.outputs.append(message)
+        return message.message_id
 
     @property
     def properties(self) -> dict[str, Any]:

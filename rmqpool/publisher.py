@@ -1,8 +1,9 @@
-"""Publishing with publisher confirms: the copy is safe in the broker before we ack.
+"""Publishing from a worker, with publisher confirms: what it sends is safe in the
+broker before the message that caused it is acked.
 
-Used for retry and dead-letter copies. Runs on the worker's loop, on the channel
-the worker consumes from: returns raise (mandatory, on_return_raises) and nacks
-are reported, neither closes the channel.
+Retry and dead-letter copies, handler output and RPC replies. Runs on the worker's
+loop, on the channel the worker consumes from: returns raise (mandatory,
+on_return_raises) and nacks are reported, neither closes the channel.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
 from .broker_errors import BROKER_ERRORS
+from .outgoing import Outgoing
 
 
 class PublishFailed(Exception):
     """The broker did not confirm the copy; the original must not be acked."""
 
 
-class Publisher:
+class ChannelPublisher:
     def __init__(self, channel: aio_pika.abc.AbstractRobustChannel, timeout: float = 30.0):
         self._channel = channel
         self._timeout = timeout
@@ -57,6 +59,30 @@ class Publisher:
                                 f"{type(exc).__name__}: {exc}") from None
         if not isinstance(confirm, spec.Basic.Ack):
             raise PublishFailed(f"broker did not confirm the copy to {routing_key!r}: {confirm!r}")
+
+
+    async def publish(self, message: Outgoing) -> bool:
+        """Publish and wait for the confirm; False when it was returned as unroutable."""
+        try:
+            channel = await asyncio.wait_for(self._channel.get_underlay_channel(), self._timeout)
+            confirm = await channel.basic_publish(
+                message.data, exchange=message.exchange, routing_key=message.routing_key,
+                properties=message.properties, mandatory=message.mandatory,
+                timeout=self._timeout)
+        except aiormq.exceptions.PublishError:
+            return False
+        except BROKER_ERRORS as exc:
+            raise PublishFailed(f"publishing to {message.routing_key!r} failed: "
+                                f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(confirm, spec.Basic.Ack):
+            raise PublishFailed(f"broker did not confirm the message to "
+                                f"{message.routing_key!r}: {confirm!r}")
+        return True
+
+    async def publish_all(self, messages: list[Outgoing]) -> list[Outgoing]:
+        """Publish with the confirms pipelined; returns those returned as unroutable."""
+        routed = await asyncio.gather(*map(self.publish, messages))
+        return [m for m, ok in zip(messages, routed, strict=True) if not ok]
 
 
 async def _publish_without_id(channel: aiormq.abc.AbstractChannel, body: bytes,

@@ -1,0 +1,369 @@
+"""Putting messages in: Publisher (asyncio) and SyncPublisher (any thread).
+
+Runs in applications, not in the pool. One robust connection, publisher confirms
+always on: a publish returns only once the broker confirmed the message. While the
+connection is lost, a publish waits for the reconnect (up to `reconnect_timeout`
+seconds) and sends again what was not confirmed, with the same message id: a
+broker restart may give a duplicate, never a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from . import celery as celery_protocol
+from .exceptions import PublishError, RemoteError, Unroutable
+from .outgoing import DIRECT_REPLY_TO, STATUS_HEADER, Outgoing, outgoing
+from .settings import DEFAULT_URL, redact_url
+
+log = logging.getLogger("rmqpool.client")
+
+CONFIRM_TIMEOUT = 30.0  # seconds the broker has to confirm one message
+RECONNECT_TIMEOUT = 60.0  # seconds a publish waits for a lost connection to come back
+WINDOW = 500  # publish_many: messages awaiting their confirms at once
+_CONNECTION_ERRORS = (aiormq.exceptions.ChannelInvalidStateError,
+                      aiormq.exceptions.AMQPConnectionError, ConnectionError)
+T = TypeVar("T")
+
+
+def default_url(env: Mapping[str, str] = os.environ) -> str:
+    """Like the pool: RMQPOOL_URL, else RABBITMQ_URL, else guest on localhost (the first
+    of a comma-separated list)."""
+    url = env.get("RMQPOOL_URL") or env.get("RABBITMQ_URL") or DEFAULT_URL
+    return url.split(",")[0].strip()
+
+
+def decode_reply(message: DeliveredMessage) -> Any:
+    from .message import decode_body  # the pool's own rules for bodies
+
+    props = message.header.properties
+    body = decode_body(message.body, props.content_type, props.content_encoding)
+    headers = props.headers or {}
+    if headers.get(STATUS_HEADER) == "error":
+        info = body if isinstance(body, dict) else {}
+        raise RemoteError(str(info.get("reason", "")), str(info.get("type", "")),
+                          str(info.get("message", "")))
+    return body
+
+
+class Publisher:
+    """`async with Publisher() as pub: await pub.publish({"n": 1}, routing_key="jobs")`."""
+
+    def __init__(self, url: str | None = None, *, confirm_timeout: float = CONFIRM_TIMEOUT,
+                 reconnect_timeout: float = RECONNECT_TIMEOUT, window: int = WINDOW,
+                 connection_name: str | None = None) -> None:
+        self.url = url or default_url()
+        self.confirm_timeout = confirm_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.window = window
+        self._name = connection_name or f"rmqpool publisher pid {os.getpid()}"
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._replies: dict[str, asyncio.Future[DeliveredMessage]] = {}
+        self._reply_consumer: aiormq.abc.AbstractChannel | None = None
+        self._reply_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Publisher {redact_url(self.url)}>"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def connect(self) -> Publisher:
+        if self._connection is None:
+            try:
+                self._connection = await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": self._name})
+            except aiormq.exceptions.ProbableAuthenticationError:
+                raise PublishError(f"the broker at {redact_url(self.url)} refused the "
+                                   "credentials; fix the user or password in the URL") from None
+            self._channel = await self._connection.channel(publisher_confirms=True,
+                                                           on_return_raises=True)
+            self._channel.reopen_callbacks.add(self._reopened)
+        return self
+
+    async def close(self) -> None:
+        for future in self._replies.values():
+            future.cancel()
+        self._replies.clear()
+        if self._connection is not None:
+            connection, self._connection, self._channel = self._connection, None, None
+            await connection.close()
+
+    async def __aenter__(self) -> Publisher:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed and bool(
+            self._connection.connected.is_set())
+
+    # -- publishing --------------------------------------------------------------------
+    async def publish(self, body: Any, *, routing_key: str, exchange: str = "",
+                      headers: Mapping[str, Any] | None = None, message_id: str | None = None,
+                      correlation_id: str | None = None, reply_to: str | None = None,
+                      priority: int | None = None, expiration: float | str | None = None,
+                      persistent: bool = True, mandatory: bool = True,
+                      content_type: str | None = None) -> str:
+        """Publish one message; returns its message id once the broker confirmed it."""
+        message = outgoing(body, routing_key=routing_key, exchange=exchange, headers=headers,
+                           message_id=message_id, correlation_id=correlation_id,
+                           reply_to=reply_to, priority=priority, expiration=expiration,
+                           persistent=persistent, mandatory=mandatory,
+                           content_type=content_type)
+        await self._send(message)
+        return message.message_id
+
+    async def publish_many(self, bodies: Iterable[Any], *, routing_key: str,
+                           exchange: str = "", headers: Mapping[str, Any] | None = None,
+                           persistent: bool = True, mandatory: bool = True) -> list[str]:
+        """Publish many messages with their confirms pipelined (at most `window` awaiting
+        at once); returns their ids in order, once every one is confirmed. The first
+        failure is raised once the others in flight have settled."""
+        window = asyncio.Semaphore(self.window)
+
+        async def one(message: Outgoing) -> None:
+            try:
+                await self._send(message)
+            finally:
+                window.release()
+
+        messages = [outgoing(body, routing_key=routing_key, exchange=exchange, headers=headers,
+                             persistent=persistent, mandatory=mandatory)
+                    for body in bodies]  # encode every body before sending any
+        tasks = []
+        for message in messages:
+            await window.acquire()
+            tasks.append(asyncio.ensure_future(one(message)))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [message.message_id for message in messages]
+
+    async def call(self, body: Any, *, routing_key: str, exchange: str = "",
+                   timeout: float = 30.0, headers: Mapping[str, Any] | None = None) -> Any:
+        """Send a request through RabbitMQ's direct reply-to and return the decoded reply.
+        An error reply raises RemoteError; no reply within `timeout` raises TimeoutError."""
+        await self._consume_replies()
+        correlation_id = uuid.uuid4().hex
+        future = asyncio.get_running_loop().create_future()
+        self._replies[correlation_id] = future
+        try:
+            await self._send(outgoing(body, routing_key=routing_key, exchange=exchange,
+                                      headers=headers, correlation_id=correlation_id,
+                                      reply_to=DIRECT_REPLY_TO, persistent=False))
+            try:
+                reply = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no reply to {routing_key!r} within {timeout:g}s "
+                                   "(is a pool consuming that queue?)") from None
+        finally:
+            self._replies.pop(correlation_id, None)
+        return decode_reply(reply)
+
+    async def send_task(self, name: str, args: Iterable[Any] = (),
+                        kwargs: Mapping[str, Any] | None = None, *, queue: str = "celery",
+                        exchange: str | None = None, routing_key: str | None = None,
+                        task_id: str | None = None, countdown: float | None = None,
+                        eta: datetime.datetime | None = None,
+                        expires: float | datetime.datetime | None = None) -> str:
+        """Publish a Celery (message protocol v2) task that a Celery worker runs as if
+        `app.send_task(name, args, kwargs, ...)` had been called; returns the task id."""
+        task = celery_protocol.task_message(name, tuple(args), dict(kwargs or {}),
+                                            task_id=task_id, countdown=countdown, eta=eta,
+                                            expires=expires)
+        await self.publish(task.body, routing_key=routing_key or queue,
+                           exchange=exchange if exchange is not None else "",
+                           headers=task.headers, message_id=task.task_id,
+                           correlation_id=task.task_id, content_type="application/json")
+        return task.task_id
+
+    # -- internals --------------------------------------------------------------------
+    async def _send(self, message: Outgoing) -> None:
+        """Until the broker confirms: sent again (same id) after a lost connection."""
+        data, props, exchange = message.data, message.properties, message.exchange
+        routing_key, mandatory = message.routing_key, message.mandatory
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_timeout
+        while True:
+            channel = await self._ready_channel(deadline)
+            try:
+                confirm = await channel.basic_publish(
+                    data, exchange=exchange, routing_key=routing_key, properties=props,
+                    mandatory=mandatory, timeout=self.confirm_timeout)
+            except aiormq.exceptions.PublishError:
+                raise Unroutable(f"no queue is bound to routing key {routing_key!r} on "
+                                 f"{_exchange(exchange)}: declare and bind one, or publish "
+                                 "with mandatory=False") from None
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise PublishError(f"{_exchange(exchange)} does not exist ({_reply(exc)}); "
+                                   "declare it before publishing") from None
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise PublishError(f"the broker refused the publish to {_exchange(exchange)} "
+                                   f"({_reply(exc)}); grant the user write permission") from None
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise PublishError(f"the broker refused the message ({_reply(exc)})") from None
+            except TimeoutError:
+                raise PublishError(f"the broker did not confirm the message within "
+                                   f"{self.confirm_timeout:g}s (it may still arrive; the "
+                                   f"message id is {props.message_id})") from None
+            except _CONNECTION_ERRORS as exc:
+                if loop.time() >= deadline:
+                    raise PublishError(f"the connection to {redact_url(self.url)} was lost and "
+                                       f"did not come back within {self.reconnect_timeout:g}s "
+                                       f"({type(exc).__name__}); message {props.message_id} "
+                                       "may or may not have arrived") from None
+                log.info("connection lost while publishing (%s); sending again after the "
+                         "reconnect", type(exc).__name__)
+                await asyncio.sleep(0.1)
+                continue
+            if not isinstance(confirm, spec.Basic.Ack):
+                raise PublishError(f"the broker did not accept message {props.message_id} "
+                                   f"({type(confirm).__name__}): it may be out of resources "
+                                   "or the queue full (x-overflow=reject-publish)")
+            return
+
+    async def _ready_channel(self, deadline: float) -> aiormq.abc.AbstractChannel:
+        if self._channel is None:
+            await self.connect()
+        assert self._channel is not None
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(self._channel.ready(), max(left, 0.01))
+            return await self._channel.get_underlay_channel()
+        except TimeoutError:
+            raise PublishError(f"no connection to {redact_url(self.url)} within "
+                               f"{self.reconnect_timeout:g}s; nothing was published") from None
+
+    async def _consume_replies(self) -> None:
+        """Direct reply-to: consumed, no_ack, on the channel that publishes the requests
+        (again after a reconnect: see _reopened)."""
+        async with self._reply_lock:
+            deadline = asyncio.get_running_loop().time() + self.reconnect_timeout
+            channel = await self._ready_channel(deadline)
+            if self._reply_consumer is not channel:
+                await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                self._reply_consumer = channel
+
+    async def _reopened(self, _sender: Any = None) -> None:
+        self._reply_consumer = None
+        if self._replies:  # calls in flight: their replies come to the new channel
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                await self._consume_replies()
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        future = self._replies.get(message.header.properties.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(message)
+
+
+class SyncPublisher:
+    """The same methods, blocking until confirmed, safe from any number of threads.
+
+    One background thread runs an event loop with one Publisher; calls are handed to it.
+    close() (and leaving the `with` block) waits for what is pending. Create it in the
+    process that uses it: one inherited across a fork says so instead of hanging."""
+
+    def __init__(self, url: str | None = None, **options: Any) -> None:
+        self._publisher = Publisher(url, **options)
+        self._pid = os.getpid()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<SyncPublisher {redact_url(self._publisher.url)}>"
+
+    def __enter__(self) -> SyncPublisher:
+        self._submit(self._publisher.connect())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def publish(self, body: Any, **options: Any) -> str:
+        return self._submit(self._publisher.publish(body, **options))
+
+    def publish_many(self, bodies: Iterable[Any], **options: Any) -> list[str]:
+        return self._submit(self._publisher.publish_many(list(bodies), **options))
+
+    def call(self, body: Any, **options: Any) -> Any:
+        return self._submit(self._publisher.call(body, **options))
+
+    def send_task(self, name: str, args: Iterable[Any] = (),
+                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> str:
+        return self._submit(self._publisher.send_task(name, args, kwargs, **options))
+
+    def close(self) -> None:
+        """Wait for pending calls, then close the connection and stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None or os.getpid() != self._pid:
+            return
+        concurrent.futures.wait(list(self._pending))
+        asyncio.run_coroutine_threadsafe(self._publisher.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            if os.getpid() != self._pid:
+                coroutine.close()
+                raise RuntimeError(
+                    f"this SyncPublisher was created in process {self._pid} and inherited "
+                    f"across a fork by process {os.getpid()}; create one in each process "
+                    "(lazily, after the fork)")
+            if self._closed:
+                coroutine.close()
+                raise RuntimeError("this SyncPublisher is closed; create a new one")
+            loop = self._start()
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+            self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future.result()
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+                loop.close()
+
+            self._thread = threading.Thread(target=run, name="rmqpool-publisher", daemon=True)
+            self._thread.start()
+            ready.wait()
+            self._loop = loop
+        return self._loop
+
+
+def _exchange(name: str) -> str:
+    return f"exchange {name!r}" if name else "the default exchange"
+
+
+def _reply(exc: BaseException) -> str:
+    return str(exc.args[-1] if exc.args else exc)
