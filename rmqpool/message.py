@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import uuid
 from typing import Any, cast
 
 from aiormq.abc import DeliveredMessage
@@ -142,11 +143,21 @@ class Message:
         all of it is confirmed by the broker before this message is acked. A body that
         cannot be encoded raises TypeError here, in the handler."""
         message = outgoing(body, routing_key=routing_key, exchange=exchange, headers=headers,
-                           message_id=message_id, correlation_id=correlation_id,
+                           message_id=message_id or self._output_id(),
+                           correlation_id=correlation_id,
                            priority=priority, expiration=expiration, persistent=persistent,
                            mandatory=mandatory)
         self.outputs.append(message)
         return message.message_id
+
+    def _output_id(self) -> str | None:
+        """The same on every run of this message (its id, body and the output's place), so
+        a rerun after a crash publishes the same ids and a consumer can drop duplicates."""
+        if not self.message_id:
+            return None  # a random one: two identical id-less inputs are two inputs
+        digest = hashlib.blake2b(self.body, digest_size=16).hexdigest()
+        name = f"rmqpool-output:{self.message_id}:{digest}:{len(self.outputs)}"
+        return uuid.uuid5(uuid.NAMESPACE_URL, name).hex
 
     @property
     def properties(self) -> dict[str, Any]:
