@@ -184,14 +184,19 @@ class Publisher:
                         eta: datetime.datetime | None = None,
                         expires: float | datetime.datetime | None = None) -> str:
         """Publish a Celery (message protocol v2) task that a Celery worker runs as if
-        `app.send_task(name, args, kwargs, ...)` had been called; returns the task id."""
-        task = celery_protocol.task_message(name, tuple(args), dict(kwargs or {}),
-                                            task_id=task_id, countdown=countdown, eta=eta,
-                                            expires=expires)
+        `app.send_task(name, args, kwargs, ...)` had been called; returns the task id.
+
+        To the default exchange with routing key `queue`, unless `exchange` and/or
+        `routing_key` say otherwise. `countdown` and a number for `expires` are seconds;
+        a naive datetime is UTC. An `expires` also becomes the message's TTL, as Celery
+        sets it: the broker drops the task once it has expired in the queue."""
+        task = celery_protocol.task_message(name, args, kwargs, task_id=task_id,
+                                            countdown=countdown, eta=eta, expires=expires)
         await self.publish(task.body, routing_key=routing_key or queue,
                            exchange=exchange if exchange is not None else "",
                            headers=task.headers, message_id=task.task_id,
-                           correlation_id=task.task_id, content_type="application/json")
+                           correlation_id=task.task_id, expiration=task.ttl,
+                           content_type="application/json")
         return task.task_id
 
     # -- internals --------------------------------------------------------------------
