@@ -54,6 +54,10 @@ class PublishError(Exception):
     confirmed in time. The message says which, and what to do."""
 
 
+class BrokerRefused(PublishError):
+    """The broker refused the credentials or the virtual host: trying again won't help."""
+
+
 class Unroutable(PublishError):
     """Published with mandatory=True, but no queue is bound to its routing key."""
 
