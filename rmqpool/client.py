@@ -26,7 +26,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from . import celery as celery_protocol
-from .exceptions import BrokerRefused, PublishError, RemoteError, Unroutable
+from .exceptions import BrokerRefused, PublishError, PublishRefused, RemoteError, Unroutable
 from .outgoing import DIRECT_REPLY_TO, STATUS_HEADER, Outgoing, outgoing
 from .settings import DEFAULT_URL, redact_url
 
@@ -227,13 +227,13 @@ class Publisher:
                                  f"{_exchange(exchange)}: declare and bind one, or publish "
                                  "with mandatory=False") from None
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise PublishError(f"{_exchange(exchange)} does not exist ({_reply(exc)}); "
-                                   "declare it before publishing") from None
+                raise PublishRefused(f"{_exchange(exchange)} does not exist ({_reply(exc)}); "
+                                     "declare it before publishing") from None
             except aiormq.exceptions.ChannelAccessRefused as exc:
-                raise PublishError(f"the broker refused the publish to {_exchange(exchange)} "
-                                   f"({_reply(exc)}); grant the user write permission") from None
+                raise PublishRefused(f"the broker refused the publish to {_exchange(exchange)} "
+                                     f"({_reply(exc)}); grant the user write permission") from None
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise PublishError(f"the broker refused the message ({_reply(exc)})") from None
+                raise PublishRefused(f"the broker refused the message ({_reply(exc)})") from None
             except TimeoutError:
                 raise PublishError(f"the broker did not confirm the message within "
                                    f"{self.confirm_timeout:g}s (it may still arrive; the "

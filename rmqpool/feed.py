@@ -5,7 +5,10 @@ window of confirms in flight. Runs in the CLI's process, on its event loop.
 Invariants: a file is checked to its last line before the first message is sent; a
 stream is sent as it is read, and a bad line ends it (what came before is published,
 nothing after). The first failed publish stops sending; the publishes already in
-flight settle before it is raised, so `Window.confirmed` is exact.
+flight settle before it is raised, so `Window.confirmed` is exact. Every message of
+a run goes to the same exchange with the same properties: when the broker refuses
+one (PublishRefused), it refuses them all, so the others in flight are cancelled
+rather than sent again after the channel comes back.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from .exceptions import PublishError
+from .exceptions import PublishError, PublishRefused
 
 
 class BadInput(ValueError):
@@ -224,6 +227,12 @@ class Window:
     async def _one(self, number: int, item: Any) -> None:
         try:
             await self._send(item)
+        except PublishRefused as exc:
+            self._failures.append((number, exc))
+            for task in self._tasks - {asyncio.current_task()}:
+                # None can be confirmed: the broker discarded them with the channel, and
+                # the acks of any before this one came first (their tasks resumed first).
+                task.cancel()
         except PublishError as exc:
             self._failures.append((number, exc))
         else:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from rmqpool import feed
-from rmqpool.exceptions import PublishError
+from rmqpool.exceptions import PublishError, PublishRefused
 
 
 class Clock:
@@ -130,3 +130,24 @@ def test_window_lets_what_was_sent_settle_before_a_bad_input_comes_out():
     with pytest.raises(feed.BadInput):
         asyncio.run(window.run(bad_after_four()))
     assert sent == [0, 1, 2, 3] and window.confirmed == 4
+
+
+def test_a_refusal_cancels_the_others_in_flight():
+    """Every message goes to the same place: once the broker refused one (no such
+    exchange), the others would wait for the channel to come back only to be refused."""
+    async def send(n: int) -> None:
+        if n < 2:
+            return
+        if n == 4:
+            await asyncio.sleep(0.01)
+            raise PublishRefused("exchange 'x' does not exist")
+        await asyncio.Event().wait()  # a retry that would never end well
+
+    window = feed.Window(send, 10, feed.Pace(None))
+
+    async def run() -> None:
+        await asyncio.wait_for(window.run(_items(list(range(100)))), 5)
+
+    with pytest.raises(PublishRefused):
+        asyncio.run(run())
+    assert window.confirmed == 2
