@@ -26,7 +26,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from . import celery as celery_protocol
-from .exceptions import PublishError, RemoteError, Unroutable
+from .exceptions import BrokerRefused, PublishError, PublishRefused, RemoteError, Unroutable
 from .outgoing import DIRECT_REPLY_TO, STATUS_HEADER, Outgoing, outgoing
 from .settings import DEFAULT_URL, redact_url
 
@@ -83,16 +83,31 @@ class Publisher:
     # -- lifecycle ---------------------------------------------------------------------
     async def connect(self) -> Publisher:
         if self._connection is None:
-            try:
-                self._connection = await aio_pika.connect_robust(
-                    self.url, client_properties={"connection_name": self._name})
-            except aiormq.exceptions.ProbableAuthenticationError:
-                raise PublishError(f"the broker at {redact_url(self.url)} refused the "
-                                   "credentials; fix the user or password in the URL") from None
+            self._connection = await self._connect()
             self._channel = await self._connection.channel(publisher_confirms=True,
                                                            on_return_raises=True)
             self._channel.reopen_callbacks.add(self._reopened)
         return self
+
+    async def _connect(self) -> aio_pika.abc.AbstractRobustConnection:
+        """The first connection; its refusals translated (later ones are the robust
+        connection's to retry)."""
+        url = redact_url(self.url)
+        try:
+            return await aio_pika.connect_robust(
+                self.url, client_properties={"connection_name": self._name})
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise BrokerRefused(f"the broker at {url} refused the credentials; fix the user "
+                                "or password in the URL") from None
+        except aiormq.exceptions.ProtocolSyntaxError as exc:
+            if "Connection.Close" not in str(exc):
+                raise
+            raise BrokerRefused(f"the broker at {url} refused to open the virtual host: it "
+                                "does not exist or the user may not use it; fix the vhost in "
+                                "the URL or grant access (rabbitmqctl set_permissions)") from None
+        except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as exc:
+            raise PublishError(f"cannot reach the broker at {url} ({str(exc) or type(exc).__name__}"
+                               "); is it running, and are the host and port right?") from None
 
     async def close(self) -> None:
         for future in self._replies.values():
@@ -217,13 +232,13 @@ class Publisher:
                                  f"{_exchange(exchange)}: declare and bind one, or publish "
                                  "with mandatory=False") from None
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise PublishError(f"{_exchange(exchange)} does not exist ({_reply(exc)}); "
-                                   "declare it before publishing") from None
+                raise PublishRefused(f"{_exchange(exchange)} does not exist ({_reply(exc)}); "
+                                     "declare it before publishing") from None
             except aiormq.exceptions.ChannelAccessRefused as exc:
-                raise PublishError(f"the broker refused the publish to {_exchange(exchange)} "
-                                   f"({_reply(exc)}); grant the user write permission") from None
+                raise PublishRefused(f"the broker refused the publish to {_exchange(exchange)} "
+                                     f"({_reply(exc)}); grant the user write permission") from None
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise PublishError(f"the broker refused the message ({_reply(exc)})") from None
+                raise PublishRefused(f"the broker refused the message ({_reply(exc)})") from None
             except TimeoutError:
                 raise PublishError(f"the broker did not confirm the message within "
                                    f"{self.confirm_timeout:g}s (it may still arrive; the "

@@ -54,6 +54,16 @@ class PublishError(Exception):
     confirmed in time. The message says which, and what to do."""
 
 
+class BrokerRefused(PublishError):
+    """The broker refused the credentials or the virtual host: trying again won't help."""
+
+
+class PublishRefused(PublishError):
+    """The broker refused the publish and closed the channel: no such exchange, no
+    permission to write to it, or a property it does not take. Another message to the
+    same exchange with the same properties is refused the same way."""
+
+
 class Unroutable(PublishError):
     """Published with mandatory=True, but no queue is bound to its routing key."""
 
