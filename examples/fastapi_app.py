@@ -27,6 +27,7 @@ task, trying every CONNECT_RETRY seconds, has connected. From then on the connec
 robust: it reconnects by itself (every 5 s, aio-pika's default; `?reconnect_interval=1`
 at the end of the URL for sooner), and a publish waits up to APP_BROKER_WAIT for it to
 come back (and sends again what the broker had not confirmed) before answering 503.
+A URL that cannot work at all (malformed) stops the start-up instead.
 
 Errors become HTTP answers: Unroutable and other PublishErrors (no such queue, refused,
 not confirmed) 503 with the error text; RemoteError (the pool dead-lettered the request)
@@ -108,6 +109,7 @@ class Broker:
             where = redact_url(self.publisher.url)
             raise HTTPException(503, f"not connected to the broker at {where} (yet); "
                                      "try again later")
+        self.connecting.result()  # a failure that is no lost connection is a bug: 500
         return self.publisher
 
 
@@ -139,6 +141,8 @@ def create_app(config: Config | None = None) -> FastAPI:
                               connection_name=f"rmqpool fastapi example pid {os.getpid()}")
         connecting = asyncio.create_task(_connect(publisher))
         await asyncio.wait([connecting], timeout=config.broker_wait)  # start anyway after
+        if connecting.done():
+            connecting.result()  # not a connection error (a malformed URL): do not start
         app.state.broker = Broker(publisher, connecting)
         try:
             yield

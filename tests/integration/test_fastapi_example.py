@@ -128,6 +128,11 @@ def test_with_the_broker_unreachable_the_app_starts_and_says_not_connected():
     assert "secret" not in job.text
 
 
+def test_a_malformed_url_stops_the_start_up():
+    with pytest.raises(ValueError), client(RMQPOOL_URL="amqp://guest:guest@127.0.0.1:x/"):
+        pass
+
+
 def test_the_app_connects_once_the_broker_is_reachable_and_reconnects(jobs_queue):
     broker = urlsplit(amqp.URL)
     with TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672) as proxy:
