@@ -76,17 +76,20 @@ class Publisher:
         self._replies: dict[str, asyncio.Future[DeliveredMessage]] = {}
         self._reply_consumer: aiormq.abc.AbstractChannel | None = None
         self._reply_lock = asyncio.Lock()
+        self._connect_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<Publisher {redact_url(self.url)}>"
 
     # -- lifecycle ---------------------------------------------------------------------
     async def connect(self) -> Publisher:
-        if self._connection is None:
-            self._connection = await self._connect()
-            self._channel = await self._connection.channel(publisher_confirms=True,
-                                                           on_return_raises=True)
-            self._channel.reopen_callbacks.add(self._reopened)
+        async with self._connect_lock:  # publishes that start together share one connection
+            if self._connection is None:
+                connection = await self._connect()
+                channel = await connection.channel(publisher_confirms=True,
+                                                   on_return_raises=True)
+                channel.reopen_callbacks.add(self._reopened)
+                self._connection, self._channel = connection, channel
         return self
 
     async def _connect(self) -> aio_pika.abc.AbstractRobustConnection:
@@ -149,12 +152,18 @@ class Publisher:
                            persistent: bool = True, mandatory: bool = True) -> list[str]:
         """Publish many messages with their confirms pipelined (at most `window` awaiting
         at once); returns their ids in order, once every one is confirmed. The first
-        failure is raised once the others in flight have settled."""
+        failure is raised once the others in flight have settled; after it, no more are
+        sent (each send may wait reconnect_timeout: not once per window)."""
         window = asyncio.Semaphore(self.window)
+        failed = False
 
         async def one(message: Outgoing) -> None:
+            nonlocal failed
             try:
                 await self._send(message)
+            except BaseException:
+                failed = True
+                raise
             finally:
                 window.release()
 
@@ -164,6 +173,8 @@ class Publisher:
         tasks = []
         for message in messages:
             await window.acquire()
+            if failed:
+                break
             tasks.append(asyncio.ensure_future(one(message)))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
@@ -231,7 +242,14 @@ class Publisher:
                 raise Unroutable(f"no queue is bound to routing key {routing_key!r} on "
                                  f"{_exchange(exchange)}: declare and bind one, or publish "
                                  "with mandatory=False") from None
+            except aiormq.exceptions.DeliveryError as exc:  # aiormq raises a nack
+                raise _not_accepted(props.message_id, exc.frame) from None
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                if not (exchange and f"exchange {exchange!r}" in _reply(exc)):
+                    # Another publish on this channel named a missing exchange: the broker
+                    # closed the channel and dropped this message unseen. Send it again.
+                    await self._lost(exc, deadline, props.message_id)
+                    continue
                 raise PublishRefused(f"{_exchange(exchange)} does not exist ({_reply(exc)}); "
                                      "declare it before publishing") from None
             except aiormq.exceptions.ChannelAccessRefused as exc:
@@ -244,20 +262,23 @@ class Publisher:
                                    f"{self.confirm_timeout:g}s (it may still arrive; the "
                                    f"message id is {props.message_id})") from None
             except _CONNECTION_ERRORS as exc:
-                if loop.time() >= deadline:
-                    raise PublishError(f"the connection to {redact_url(self.url)} was lost and "
-                                       f"did not come back within {self.reconnect_timeout:g}s "
-                                       f"({type(exc).__name__}); message {props.message_id} "
-                                       "may or may not have arrived") from None
-                log.info("connection lost while publishing (%s); sending again after the "
-                         "reconnect", type(exc).__name__)
-                await asyncio.sleep(0.1)
+                await self._lost(exc, deadline, props.message_id)
                 continue
             if not isinstance(confirm, spec.Basic.Ack):
-                raise PublishError(f"the broker did not accept message {props.message_id} "
-                                   f"({type(confirm).__name__}): it may be out of resources "
-                                   "or the queue full (x-overflow=reject-publish)")
+                raise _not_accepted(props.message_id, confirm)
             return
+
+    async def _lost(self, exc: BaseException, deadline: float, message_id: str | None) -> None:
+        """The channel or connection went while publishing: wait to send again, unless
+        reconnect_timeout has passed."""
+        if asyncio.get_running_loop().time() >= deadline:
+            raise PublishError(f"the connection to {redact_url(self.url)} was lost and "
+                               f"did not come back within {self.reconnect_timeout:g}s "
+                               f"({type(exc).__name__}); message {message_id} "
+                               "may or may not have arrived") from None
+        log.info("connection lost while publishing (%s); sending again after the "
+                 "reconnect", type(exc).__name__)
+        await asyncio.sleep(0.1)
 
     async def _ready_channel(self, deadline: float) -> aiormq.abc.AbstractChannel:
         if self._channel is None:
@@ -338,12 +359,14 @@ class SyncPublisher:
 
     def close(self) -> None:
         """Wait for pending calls, then close the connection and stop the thread."""
+        if os.getpid() != self._pid:
+            return  # inherited: its thread is not here (and its lock may be held forever)
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             loop, thread = self._loop, self._thread
-        if loop is None or thread is None or os.getpid() != self._pid:
+        if loop is None or thread is None:
             return
         concurrent.futures.wait(list(self._pending))
         asyncio.run_coroutine_threadsafe(self._publisher.close(), loop).result()
@@ -351,13 +374,14 @@ class SyncPublisher:
         thread.join()
 
     def _submit(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        # Before taking the lock: a thread of the parent may have held it at the fork.
+        if os.getpid() != self._pid:
+            coroutine.close()
+            raise RuntimeError(
+                f"this SyncPublisher was created in process {self._pid} and inherited "
+                f"across a fork by process {os.getpid()}; create one in each process "
+                "(lazily, after the fork)")
         with self._lock:
-            if os.getpid() != self._pid:
-                coroutine.close()
-                raise RuntimeError(
-                    f"this SyncPublisher was created in process {self._pid} and inherited "
-                    f"across a fork by process {os.getpid()}; create one in each process "
-                    "(lazily, after the fork)")
             if self._closed:
                 coroutine.close()
                 raise RuntimeError("this SyncPublisher is closed; create a new one")
@@ -383,6 +407,12 @@ class SyncPublisher:
             ready.wait()
             self._loop = loop
         return self._loop
+
+
+def _not_accepted(message_id: str | None, confirm: object) -> PublishError:
+    return PublishError(f"the broker did not accept message {message_id} "
+                        f"({type(confirm).__name__}): it may be out of resources "
+                        "or the queue full (x-overflow=reject-publish)")
 
 
 def _exchange(name: str) -> str:

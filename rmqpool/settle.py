@@ -177,12 +177,15 @@ class Settler:
         dead-letter copy (and an error reply). Output that no queue takes is the
         attempt's failure: the message is retried, and dead-lettered in the end."""
         if outcome.action is Action.ACK:
-            unroutable = await self.publisher.publish_all(attempt.outputs)
-            lost = [m for m in unroutable if not _is_reply(m)]
-            if unroutable and not lost:
-                log.debug("the requester has gone: its reply was unroutable",
-                          extra={"event": self._event(attempt, "acked")})
+            # The reply only once the output is in: if no queue takes the output, the
+            # attempt has failed and is retried, and a retry must not have replied.
+            lost = await self.publisher.publish_all(
+                [m for m in attempt.outputs if not _is_reply(m)])
             if not lost:
+                if await self.publisher.publish_all([m for m in attempt.outputs
+                                                     if _is_reply(m)]):
+                    log.debug("the requester has gone: its reply was unroutable",
+                              extra={"event": self._event(attempt, "acked")})
                 return outcome
             attempt.exc = Unroutable(
                 f"the handler's output to {lost[0].routing_key!r} on "
