@@ -15,7 +15,7 @@ from typing import cast
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from .broker_errors import BROKER_ERRORS
+from .broker_errors import BROKER_ERRORS, translated
 
 Frame = tuple[int, bool]  # (delivery tag, multiple)
 
@@ -77,9 +77,10 @@ class Acker:
             channel = cast(AbstractChannel | None, self.book.channel)
             frames = self.book.ack(channel, [tag_of(raw) for raw in raws if raw.channel is channel])
             try:
-                for tag, multiple in frames:
-                    assert channel is not None
-                    await channel.basic_ack(tag, multiple=multiple, wait=wait)
+                with translated():
+                    for tag, multiple in frames:
+                        assert channel is not None
+                        await channel.basic_ack(tag, multiple=multiple, wait=wait)
             except BROKER_ERRORS:
                 pass  # the channel closed under us: the broker requeues, the redelivery counts
 
@@ -88,6 +89,7 @@ class Acker:
         async with self._lock:
             if self.book.nack(raw.channel, tag_of(raw)):
                 try:
-                    await raw.channel.basic_nack(tag_of(raw), requeue=True)
+                    with translated():
+                        await raw.channel.basic_nack(tag_of(raw), requeue=True)
                 except BROKER_ERRORS:
                     pass

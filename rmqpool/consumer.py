@@ -30,7 +30,7 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 
 from . import exitcodes
-from .broker_errors import BROKER_ERRORS
+from .broker_errors import BROKER_ERRORS, translated
 from .dispatch import Attempt, Dispatcher
 from .settle import Settler
 
@@ -64,8 +64,12 @@ class Consumer:
         self._draining = False
 
     async def start(self) -> None:
+        """Consume, then start the executors: if consuming fails (the connection went),
+        nothing is left running. Deliveries wait in the inbox meanwhile."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        await self._consume()
+        self._channel.reopen_callbacks.add(self._on_reopen)
         self._settle_task = asyncio.create_task(self._settle_forever(), name="rmqpool-settler")
         for index in range(self._concurrency):
             if self._threaded:
@@ -75,8 +79,6 @@ class Consumer:
                 self._executors.append(exited)
             else:
                 self._executors.append(asyncio.create_task(self._task_main(index)))
-        await self._consume()
-        self._channel.reopen_callbacks.add(self._on_reopen)
 
     async def _consume(self) -> None:
         raw = await self._channel.get_underlay_channel()
@@ -195,7 +197,8 @@ class Consumer:
         raw, tag = self._raw, self._tag
         if raw is not None and tag is not None and not raw.is_closed:
             try:
-                await asyncio.wait_for(raw.basic_cancel(tag), timeout=min(5.0, timeout))
+                with translated():
+                    await asyncio.wait_for(raw.basic_cancel(tag), timeout=min(5.0, timeout))
             except BROKER_ERRORS as exc:
                 log.warning("cancelling the consumer failed (%s); closing the connection "
                             "returns unstarted messages instead", exc)

@@ -158,17 +158,22 @@ class SupervisorEnd:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self) -> list[ToSupervisor] | None:
-        """Messages now readable, or None at EOF (the worker is gone)."""
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return []
-        except OSError:
-            return None
-        if not data:
-            return None
-        return self._lines.feed(data)
+    def receive(self) -> tuple[list[ToSupervisor], bool]:
+        """(every message now readable, whether the worker has closed its end). Reads
+        until the socket is empty, so a worker's last messages and its EOF are seen in
+        the same pass: a death must be known before any question asked after it is
+        answered."""
+        messages: list[ToSupervisor] = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return messages, False
+            except OSError:
+                return messages, True
+            if not data:
+                return messages, True
+            messages += self._lines.feed(data)
 
     def send(self, message: ToWorker) -> bool:
         """Best effort: False when the worker is gone or not reading (it will be killed)."""

@@ -22,7 +22,7 @@ from enum import StrEnum
 from . import control, exitcodes, topology
 from . import log as rlog
 from .handler import Handler
-from .scoreboard import LOOP_LAG, Scoreboard
+from .scoreboard import LOOP_LAG, Running, Scoreboard
 from .settings import Settings
 
 # Imported (not run) in the supervisor so forked workers share these pages and
@@ -105,6 +105,7 @@ class WorkerProcess:
         self.kill_reason: Kill | None = None  # why the supervisor killed it, if it did
         self.fatal: tuple[int, str] | None = None
         self.charged: bool | None = None  # its death charged to messages: to one (True)
+        self.died_running: list[Running] = []  # what it was running when it died
 
     def __repr__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"

@@ -20,7 +20,7 @@ from pamqp.body import ContentBody
 from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
-from .broker_errors import BROKER_ERRORS
+from .broker_errors import BROKER_ERRORS, translated
 from .outgoing import Outgoing
 
 
@@ -46,14 +46,16 @@ class ChannelPublisher:
             message_id=src.message_id, timestamp=src.timestamp,
             message_type=src.message_type, app_id=src.app_id)
         try:
-            channel = await asyncio.wait_for(self._channel.get_underlay_channel(), self._timeout)
-            if src.message_id is None:
-                confirm = await _publish_without_id(channel, raw.body, routing_key, props,
-                                                    self._timeout)
-            else:
-                confirm = await channel.basic_publish(
-                    raw.body, exchange="", routing_key=routing_key, properties=props,
-                    mandatory=True, timeout=self._timeout)
+            with translated():
+                channel = await asyncio.wait_for(self._channel.get_underlay_channel(),
+                                                 self._timeout)
+                if src.message_id is None:
+                    confirm = await _publish_without_id(channel, raw.body, routing_key, props,
+                                                        self._timeout)
+                else:
+                    confirm = await channel.basic_publish(
+                        raw.body, exchange="", routing_key=routing_key, properties=props,
+                        mandatory=True, timeout=self._timeout)
         except BROKER_ERRORS as exc:
             raise PublishFailed(f"publishing to {routing_key!r} failed: "
                                 f"{type(exc).__name__}: {exc}") from None

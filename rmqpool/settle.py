@@ -30,7 +30,7 @@ from pamqp.common import FieldTable
 
 from . import topology as t
 from .ack import Acker
-from .broker_errors import BROKER_ERRORS
+from .broker_errors import BROKER_ERRORS, translated
 from .dispatch import Attempt, deliver_frame
 from .exceptions import Retry, Unroutable, WorkerDied
 from .log import message_event
@@ -70,10 +70,11 @@ class Tiers:
         if name is None:
             spec = t.retry_queue(self._settings, delay)
             try:
-                channel = await self._connection.channel(publisher_confirms=False)
-                async with channel:
-                    await channel.declare_queue(spec.name, durable=True,
-                                                arguments=spec.arguments)
+                with translated():
+                    channel = await self._connection.channel(publisher_confirms=False)
+                    async with channel:
+                        await channel.declare_queue(spec.name, durable=True,
+                                                    arguments=spec.arguments)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 log.warning("retry queue %r exists with other arguments (%s); using it as it "
                             "is", spec.name, exc.args[-1] if exc.args else exc)
@@ -154,7 +155,8 @@ class Settler:
             # the topology again (someone may have deleted a queue), then requeue.
             await asyncio.sleep(REQUEUE_DELAY)
             try:
-                await self.redeclare()
+                with translated():
+                    await self.redeclare()
             except BROKER_ERRORS as exc:
                 log.warning("declaring the queues again failed: %s", exc)
             await self.acker.nack(raw)

@@ -295,12 +295,11 @@ class Supervisor:
         for worker in ready:
             if worker.pid not in self.workers:
                 continue  # reaped since (cannot happen within one pass; cheap to check)
-            messages = worker.end.receive()
-            if messages is None:  # EOF: it is exiting; the reaper will say why
+            messages, closed = worker.end.receive()
+            self._dispatch_control(worker, messages)
+            if closed:  # it is exiting; the reaper will say why
                 self._selector.unregister(worker.end.fileno())
                 self._charge_death(worker)  # before its messages are redelivered and asked
-                continue
-            self._dispatch_control(worker, messages)
 
     def _dispatch_control(self, worker: WorkerProcess,
                           messages: list[control.ToSupervisor]) -> None:
@@ -370,8 +369,7 @@ class Supervisor:
                 self._on_exit(worker, status)
 
     def _on_exit(self, worker: WorkerProcess, status: int) -> None:
-        if (messages := worker.end.receive()) is not None:  # a FATAL sent just before exiting
-            self._dispatch_control(worker, messages)
+        self._dispatch_control(worker, worker.end.receive()[0])  # a FATAL sent before exiting
         self._charge_death(worker)
         self._retire(worker)
         slot = worker.slot
@@ -402,7 +400,8 @@ class Supervisor:
             self._count_restart(verdict.restart)
             uptime = time.monotonic() - worker.started_at
             delay = self.backoff.died(slot, uptime, bool(worker.charged), time.monotonic())
-            log.error("%s %s after %.1fs; restarting%s", worker, how, uptime,
+            log.error("%s %s after %.1fs (running: %s); restarting%s", worker, how, uptime,
+                      _ids(worker.died_running),
                       f" in {delay:g}s ({self.backoff.quick_deaths(slot)} quick deaths in a "
                       "row)" if delay else "")
 
@@ -410,18 +409,18 @@ class Supervisor:
                       running: list[Running] | None = None) -> None:
         """Charge a death to the messages it was running (poison tracking), once: at the
         first sign of it (a kill, EOF on its channel, or the reap), so the broker cannot
-        redeliver them and have them asked about before the charge. A worker that was
-        asked to drain and did so charges nothing."""
+        redeliver them and have them asked about before the charge. A worker that dies
+        while draining charges what it was still running (a clean drain runs nothing)."""
         if worker.charged is not None:
             return
-        if reason is Death.CRASH and (worker.draining_since is not None
-                                      or worker.kill_reason is not None):
-            worker.charged = False
+        if reason is Death.CRASH and worker.kill_reason is not None:
+            worker.charged = False  # killed by us: charged then, if it was a message's fault
             return
         running = worker.board.running() if running is None else running
         certain = len(running) == 1 or reason is Death.TIME_LIMIT
         self.poison.charge([r.key for r in running], reason, certain)
         worker.charged = bool(running) and certain
+        worker.died_running = running
 
     def _retire(self, worker: WorkerProcess) -> None:
         """Fold a dead process's counters into its slot and keep what it settled: a killed
@@ -454,6 +453,14 @@ class Supervisor:
         for worker in list(self.workers.values()):
             if worker.kill_reason is not None:
                 continue
+            if s.time_limit and not self.handler.is_async:  # draining or not: a hard limit
+                overdue = [r for r in worker.board.running() if now - r.started > s.time_limit]
+                if overdue:
+                    log.error("%s: message %s has run %.1fs, past --time-limit %gs; killing the "
+                              "worker (sync handlers cannot be interrupted)", worker,
+                              _ids(overdue), now - overdue[0].started, s.time_limit)
+                    self._kill(worker, Kill.TIME_LIMIT, overdue, Death.TIME_LIMIT)
+                    continue
             if worker.draining_since is not None:
                 if now - worker.draining_since > s.graceful_timeout + KILL_GRACE:
                     log.error("%s did not finish draining within %gs; killing it", worker,
@@ -467,14 +474,6 @@ class Supervisor:
                           "a handler is holding the loop or the GIL; killing it (running: %s)",
                           worker, silent, s.worker_timeout, _ids(running))
                 self._kill(worker, Kill.HEARTBEAT, running, Death.HEARTBEAT)
-                continue
-            if s.time_limit and not self.handler.is_async:
-                overdue = [r for r in worker.board.running() if now - r.started > s.time_limit]
-                if overdue:
-                    log.error("%s: message %s has run %.1fs, past --time-limit %gs; killing the "
-                              "worker (sync handlers cannot be interrupted)", worker,
-                              _ids(overdue), now - overdue[0].started, s.time_limit)
-                    self._kill(worker, Kill.TIME_LIMIT, overdue, Death.TIME_LIMIT)
 
     # -- reconciling ---------------------------------------------------------------------------
     def _reconcile(self) -> None:

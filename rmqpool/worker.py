@@ -21,7 +21,7 @@ import setproctitle
 import uvloop
 
 from . import control, exitcodes, topology
-from .broker_errors import BROKER_ERRORS
+from .broker_errors import BROKER_ERRORS, translated
 from .consumer import Consumer
 from .declare import TopologyRefused, declare_topology
 from .dispatch import Dispatcher
@@ -84,20 +84,20 @@ class Worker:
         await self.control.open()
         side = [asyncio.create_task(self._beat()), asyncio.create_task(self._commands())]
         try:
-            connection = await self._connect()
-            if connection is None:
-                return exitcodes.OK  # asked to stop before the broker was reachable
-            channel = await self._open_channel(connection)
-            self._tiers = Tiers(self.settings, connection)
-            dispatcher = Dispatcher(self.handler, self.settings, self.board, self._ask)
-            settler = Settler(self.settings, self.slot, self.board, ChannelPublisher(channel),
-                              self._tiers, self._redeclare, self._charge)
-            consumer = Consumer(channel, self.settings.queue, dispatcher, settler,
-                                self.settings.concurrency, self._ready, self._consumer_lost)
-            await consumer.start()
-            # A channel of its own: a passive declare of a deleted queue closes its channel.
-            polling = await connection.channel(publisher_confirms=False)
-            side.append(asyncio.create_task(self._poll_depths(polling)))
+            while True:
+                connection = await self._connect()
+                if connection is None:
+                    return exitcodes.OK  # asked to stop before the broker was reachable
+                try:
+                    with translated():
+                        consumer = await self._start_consuming(connection)
+                    break
+                except BROKER_ERRORS as exc:
+                    log.warning("connection to %s lost while setting up (%s: %s); connecting "
+                                "again", self.settings.safe_url, type(exc).__name__, exc)
+                    await self._close()
+                    self._connection = None
+            side.append(asyncio.create_task(self._poll_depths(connection)))
             await self._stop.wait()
             drained = await consumer.drain(self.drain_deadline or 0.0)
             await self._close()
@@ -113,6 +113,18 @@ class Worker:
         finally:
             for task in side:
                 task.cancel()
+
+    async def _start_consuming(self, connection: aio_pika.abc.AbstractRobustConnection
+                               ) -> Consumer:
+        channel = await self._open_channel(connection)
+        self._tiers = Tiers(self.settings, connection)
+        dispatcher = Dispatcher(self.handler, self.settings, self.board, self._ask)
+        settler = Settler(self.settings, self.slot, self.board, ChannelPublisher(channel),
+                          self._tiers, self._redeclare, self._charge)
+        consumer = Consumer(channel, self.settings.queue, dispatcher, settler,
+                            self.settings.concurrency, self._ready, self._consumer_lost)
+        await consumer.start()
+        return consumer
 
     def request_stop(self, deadline: float) -> None:
         if self.drain_deadline is None or deadline < self.drain_deadline:
@@ -234,19 +246,24 @@ class Worker:
             if os.getppid() != self.supervisor_pid:
                 self._orphaned("the supervisor is gone (parent pid changed)")
 
-    async def _poll_depths(self, channel: aio_pika.abc.AbstractRobustChannel) -> None:
+    async def _poll_depths(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         """Ready messages in the work queue, its retry tiers and its DLQ, for metrics.
-        The supervisor has no broker connection of its own: it reports the freshest poll."""
+        The supervisor has no broker connection of its own: it reports the freshest poll.
+        On a channel of its own (a passive declare of a deleted queue closes its channel),
+        opened here: a side path whose failures are logged, never raised."""
         names = [spec.name for spec in topology.all_queues(self.settings)]
+        channel: aio_pika.abc.AbstractChannel | None = None
         while True:
             try:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel(publisher_confirms=False)
                 raw = await channel.get_underlay_channel()
                 depths = []
                 for name in names:
                     ok = await raw.queue_declare(name, passive=True)
                     depths.append(ok.message_count or 0)
                 self.board.set_depths(depths)
-            except BROKER_ERRORS as exc:
+            except Exception as exc:  # a side path for metrics: never raised
                 log.debug("polling queue depths failed: %s", exc)
             await asyncio.sleep(DEPTH_INTERVAL)
 

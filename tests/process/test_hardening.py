@@ -404,3 +404,22 @@ def test_a_message_without_an_id_keeps_it_absent_on_its_copies(queue, record_fil
     assert dead.message_id is None and dead.headers["x-rmqpool-attempt"] == 2
     assert [r[0] for r in read_records(record_file)] == ["None", "None"]  # both attempts
     amqp.delete([topology.retry_queue_name(queue, 0.1)])
+
+
+@pytest.mark.timeout(60)
+def test_the_time_limit_holds_while_a_worker_drains(queue, record_file, tmp_path):
+    """A hung sync handler does not hold a shutdown for --graceful-timeout: the time limit
+    still kills it (and charges the message), found by the soak test's review."""
+    with Pool("tests.support.handlers:behave", "--queue", queue, "--workers", "1",
+              "--time-limit", "2", "--graceful-timeout", "40", tmp_path=tmp_path,
+              env=_env(record_file)) as pool:
+        pool.wait_ready()
+        amqp.publish(queue, [{"hang": True}])
+        wait_for(lambda: pool.metric("rmqpool_messages_in_progress", queue=queue) == 1, 10,
+                 "the message running")
+        pool.signal(signal.SIGTERM)
+        code = pool.wait(30)  # well before --graceful-timeout + 5 s
+    log = pool.log()
+    assert code == 1, log
+    assert "past --time-limit 2s" in log and "did not finish draining" not in log
+    assert amqp.count(queue) == 1  # back in the queue, charged one attempt

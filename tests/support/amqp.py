@@ -68,6 +68,22 @@ def publish(queue: str, bodies: Iterable[Any], url: str = URL, *,
     return ids
 
 
+def publish_messages(queue: str, messages: Iterable[aio_pika.Message], url: str = URL) -> None:
+    """Publish ready-made messages (each with its own properties and headers) to `queue`
+    through the default exchange, with confirms."""
+    messages = list(messages)
+
+    async def go() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            for start in range(0, len(messages), 200):
+                await asyncio.gather(*(channel.default_exchange.publish(m, routing_key=queue)
+                                       for m in messages[start:start + 200]))
+
+    asyncio.run(go())
+
+
 def declare(queue: str, url: str = URL, arguments: dict[str, Any] | None = None) -> None:
     async def go() -> None:
         connection = await aio_pika.connect(url)
@@ -104,6 +120,27 @@ def consumers(queue: str, url: str = URL) -> int | None:
     """Consumers of `queue`, or None if it does not exist."""
     ok = _declare_ok(queue, url)
     return None if ok is None else int(ok.consumer_count)
+
+
+def counts(queues: Iterable[str], url: str = URL) -> dict[str, int | None]:
+    """Ready messages in each queue (None for one that does not exist), on one connection."""
+    async def go() -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        connection = await aio_pika.connect(url)
+        async with connection:
+            for name in queues:
+                # A channel each: a passive declare of a missing queue closes its channel.
+                channel = await connection.channel()
+                try:
+                    q = await channel.declare_queue(name, passive=True)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    out[name] = None
+                    continue
+                out[name] = q.declaration_result.message_count
+                await channel.close()
+        return out
+
+    return asyncio.run(go())
 
 
 def get_all(queue: str, url: str = URL) -> list[aio_pika.abc.AbstractIncomingMessage]:

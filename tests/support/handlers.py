@@ -1,9 +1,11 @@
 """Handlers the process tests run. Each records what it handled in RECORD_FILE
-(one line per call: message id, attempt, pid), appended atomically."""
+(one line per call: message id, attempt, pid, tag, time, and for `behave` the body's
+"token" when it has one), appended atomically."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import time
 from typing import Any
@@ -11,9 +13,11 @@ from typing import Any
 import rmqpool
 
 
-def _record(message: rmqpool.Message, extra: str = "") -> None:
-    line = f"{message.message_id} {message.attempt} {os.getpid()} {extra} {time.time()}\n"
-    data = line.encode()
+def _record(message: rmqpool.Message, extra: str = "", token: str = "") -> None:
+    # The token (one per published message, chosen by the test) tells apart two messages
+    # that share a message id; it is a sixth field, only when there is one.
+    line = f"{message.message_id} {message.attempt} {os.getpid()} {extra} {time.time()}"
+    data = (f"{line} {token}\n" if token else f"{line}\n").encode()
     fd = os.open(os.environ["RECORD_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
@@ -44,9 +48,16 @@ def cpu(body: Any, message: rmqpool.Message) -> None:
     _record(message, str(n % 7))
 
 
+def _token(body: Any) -> str:
+    token = body.get("token") if isinstance(body, dict) else None
+    return token if isinstance(token, str) and token.isalnum() else ""
+
+
 def behave(body: Any, message: rmqpool.Message) -> None:
-    """Does what the body says: fail_until (attempt), reject, retry_delay, die, hang, sleep."""
-    _record(message, "start")
+    """Does what the body says: fail_until (attempt), reject, retry_delay, die, hang, sleep.
+    Records "start" and "done" with the body's token (see read_tokens)."""
+    token = _token(body)
+    _record(message, "start", token)
     if body.get("die"):
         time.sleep(float(body.get("die_after", 0)))
         os._exit(int(body.get("exit_code", 13)))
@@ -62,7 +73,7 @@ def behave(body: Any, message: rmqpool.Message) -> None:
         raise ValueError(f"failing attempt {message.attempt}")
     if body.get("fail"):
         raise RuntimeError(f"always fails: {body['fail']}")
-    _record(message, "done")
+    _record(message, "done", token)
 
 
 async def behave_async(body: Any, message: rmqpool.Message) -> None:
@@ -94,9 +105,24 @@ def read_times(path: os.PathLike[str] | str, tag: str = "start") -> dict[str, li
     except FileNotFoundError:  # nothing recorded yet
         return out
     for line in lines:
-        mid, _, _, extra, ts = line.split(" ")
+        mid, _, _, extra, ts, *_ = line.split(" ")
         if extra == tag:
             out.setdefault(mid, []).append(float(ts))
+    return out
+
+
+def read_tokens(path: os.PathLike[str] | str, tag: str = "done") -> collections.Counter[str]:
+    """token -> how many records with `tag` carry it (lines without a token are skipped)."""
+    out: collections.Counter[str] = collections.Counter()
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:  # nothing recorded yet
+        return out
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) == 6 and fields[3] == tag:
+            out[fields[5]] += 1
     return out
 
 
