@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import aio_pika
@@ -26,8 +26,10 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from . import celery as celery_protocol
+from .broker_errors import translated
 from .exceptions import BrokerRefused, PublishError, PublishRefused, RemoteError, Unroutable
 from .outgoing import DIRECT_REPLY_TO, STATUS_HEADER, Outgoing, outgoing
+from .publisher import send_batch
 from .settings import DEFAULT_URL, redact_url
 
 log = logging.getLogger("rmqpool.client")
@@ -37,6 +39,8 @@ RECONNECT_TIMEOUT = 60.0  # seconds a publish waits for a lost connection to com
 WINDOW = 500  # publish_many: messages awaiting their confirms at once
 _CONNECTION_ERRORS = (aiormq.exceptions.ChannelInvalidStateError,
                       aiormq.exceptions.AMQPConnectionError, ConnectionError)
+BATCH = 100  # publish_many: messages sent in one write
+_UNSENT: Any = object()
 T = TypeVar("T")
 
 
@@ -151,36 +155,68 @@ class Publisher:
                            exchange: str = "", headers: Mapping[str, Any] | None = None,
                            persistent: bool = True, mandatory: bool = True) -> list[str]:
         """Publish many messages with their confirms pipelined (at most `window` awaiting
-        at once); returns their ids in order, once every one is confirmed. The first
-        failure is raised once the others in flight have settled; after it, no more are
-        sent (each send may wait reconnect_timeout: not once per window)."""
-        window = asyncio.Semaphore(self.window)
-        failed = False
-
-        async def one(message: Outgoing) -> None:
-            nonlocal failed
-            try:
-                await self._send(message)
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                window.release()
-
+        at once, sent in batches of BATCH frames per write); returns their ids in order,
+        once every one is confirmed. The first failure is raised once the others in
+        flight have settled; after it, no more are sent (each send may wait
+        reconnect_timeout: not once per window)."""
         messages = [outgoing(body, routing_key=routing_key, exchange=exchange, headers=headers,
                              persistent=persistent, mandatory=mandatory)
                     for body in bodies]  # encode every body before sending any
+        deadline = asyncio.get_running_loop().time() + self.reconnect_timeout
+        batch = max(1, min(BATCH, self.window))
+        in_flight = asyncio.Semaphore(max(1, self.window // batch))
+        failed = False
+
+        async def send(chunk: list[Outgoing]) -> None:
+            nonlocal failed
+            try:
+                errors = await self._send_batch(chunk, deadline)
+            finally:
+                in_flight.release()
+            for error in errors:
+                if error is not None:
+                    failed = True
+                    raise error
+
         tasks = []
-        for message in messages:
-            await window.acquire()
+        for i in range(0, len(messages), batch):
+            await in_flight.acquire()
             if failed:
+                in_flight.release()
                 break
-            tasks.append(asyncio.ensure_future(one(message)))
+            tasks.append(asyncio.ensure_future(send(messages[i:i + batch])))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         return [message.message_id for message in messages]
+
+    async def _send_batch(self, chunk: list[Outgoing], deadline: float
+                          ) -> list[BaseException | None]:
+        """One write for the chunk, then each confirm; what is not confirmed goes the
+        single-message way (errors named, sent again after a lost connection)."""
+        results: list[Any]
+        try:
+            channel = await self._ready_channel(deadline)
+            with translated():
+                futures = await send_batch(channel, chunk)
+        except _CONNECTION_ERRORS as exc:
+            results = [exc] * len(chunk)
+        else:
+            try:
+                async with asyncio.timeout(self.confirm_timeout):
+                    results = await asyncio.gather(*futures, return_exceptions=True)
+            except TimeoutError:  # what came, and a timeout for the rest
+                results = [f.exception() or f.result() if f.done() and not f.cancelled()
+                           else TimeoutError() for f in futures]
+        errors: list[BaseException | None] = [None] * len(chunk)
+        for i, (message, result) in enumerate(zip(chunk, results, strict=True)):
+            if not isinstance(result, spec.Basic.Ack):
+                try:
+                    await self._send(message, result, deadline)
+                except Exception as exc:  # reported per message, to its caller
+                    errors[i] = exc
+        return errors
 
     async def call(self, body: Any, *, routing_key: str, exchange: str = "",
                    timeout: float = 30.0, headers: Mapping[str, Any] | None = None) -> Any:
@@ -226,18 +262,28 @@ class Publisher:
         return task.task_id
 
     # -- internals --------------------------------------------------------------------
-    async def _send(self, message: Outgoing) -> None:
-        """Until the broker confirms: sent again (same id) after a lost connection."""
+    async def _send(self, message: Outgoing, first: Any = _UNSENT,
+                    deadline: float | None = None) -> None:
+        """Until the broker confirms: sent again (same id) after a lost connection, until
+        `deadline` (reconnect_timeout from now by default). `first`: what a batch's try
+        already got for it (a confirm frame or an error)."""
         data, props, exchange = message.data, message.properties, message.exchange
         routing_key, mandatory = message.routing_key, message.mandatory
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.reconnect_timeout
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.reconnect_timeout
         while True:
-            channel = await self._ready_channel(deadline)
             try:
-                confirm = await channel.basic_publish(
-                    data, exchange=exchange, routing_key=routing_key, properties=props,
-                    mandatory=mandatory, timeout=self.confirm_timeout)
+                if first is _UNSENT:
+                    channel = await self._ready_channel(deadline)
+                    with translated():
+                        confirm = await channel.basic_publish(
+                            data, exchange=exchange, routing_key=routing_key,
+                            properties=props, mandatory=mandatory,
+                            timeout=self.confirm_timeout)
+                else:
+                    confirm, first = first, _UNSENT
+                    if isinstance(confirm, BaseException):
+                        raise confirm
             except aiormq.exceptions.PublishError:
                 raise Unroutable(f"no queue is bound to routing key {routing_key!r} on "
                                  f"{_exchange(exchange)}: declare and bind one, or publish "
@@ -333,6 +379,8 @@ class SyncPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._outbox: list[tuple[Outgoing, concurrent.futures.Future[None]]] = []
+        self._woken = False  # the loop has been asked to send the outbox
 
     def __repr__(self) -> str:
         return f"<SyncPublisher {redact_url(self._publisher.url)}>"
@@ -345,7 +393,33 @@ class SyncPublisher:
         self.close()
 
     def publish(self, body: Any, **options: Any) -> str:
-        return self._submit(self._publisher.publish(body, **options))
+        """Encoded here, in the calling thread (a bad body is a TypeError at once); sent
+        with whatever other threads publish meanwhile, in one write (one loop wake-up
+        for all of them), each call returning once its own message is confirmed."""
+        message = outgoing(body, **options)
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._entered() as loop:
+            self._outbox.append((message, done))
+            wake, self._woken = not self._woken, True
+            self._pending.add(done)
+        done.add_done_callback(self._pending.discard)
+        if wake:
+            loop.call_soon_threadsafe(self._send_outbox)
+        done.result()
+        return message.message_id
+
+    def _send_outbox(self) -> None:
+        """On the loop: take every message the threads queued, send them as batches."""
+        with self._lock:
+            taken, self._outbox = self._outbox, []
+            self._woken = False
+        loop_time = asyncio.get_running_loop().time()
+        deadline = loop_time + self._publisher.reconnect_timeout
+        for i in range(0, len(taken), BATCH):
+            chunk = taken[i:i + BATCH]
+            task = asyncio.ensure_future(self._publisher._send_batch([m for m, _ in chunk],
+                                                                     deadline))
+            task.add_done_callback(lambda t, c=chunk: _resolve_all(t, c))  # type: ignore[misc]
 
     def publish_many(self, bodies: Iterable[Any], **options: Any) -> list[str]:
         return self._submit(self._publisher.publish_many(list(bodies), **options))
@@ -374,22 +448,29 @@ class SyncPublisher:
         thread.join()
 
     def _submit(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        try:
+            with self._entered() as loop:
+                future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+                self._pending.add(future)
+        except RuntimeError:
+            coroutine.close()
+            raise
+        future.add_done_callback(self._pending.discard)
+        return future.result()
+
+    @contextlib.contextmanager
+    def _entered(self) -> Iterator[asyncio.AbstractEventLoop]:
+        """The running loop, under the lock; a clear error when closed or inherited."""
         # Before taking the lock: a thread of the parent may have held it at the fork.
         if os.getpid() != self._pid:
-            coroutine.close()
             raise RuntimeError(
                 f"this SyncPublisher was created in process {self._pid} and inherited "
                 f"across a fork by process {os.getpid()}; create one in each process "
                 "(lazily, after the fork)")
         with self._lock:
             if self._closed:
-                coroutine.close()
                 raise RuntimeError("this SyncPublisher is closed; create a new one")
-            loop = self._start()
-            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
-            self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        return future.result()
+            yield self._start()
 
     def _start(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -407,6 +488,22 @@ class SyncPublisher:
             ready.wait()
             self._loop = loop
         return self._loop
+
+
+def _resolve_all(task: asyncio.Task[list[BaseException | None]],
+                 chunk: list[tuple[Outgoing, concurrent.futures.Future[None]]]) -> None:
+    if task.cancelled():
+        errors: list[BaseException | None] = [PublishError("the publisher was closed")] * len(
+            chunk)
+    elif task.exception() is not None:
+        errors = [task.exception()] * len(chunk)
+    else:
+        errors = task.result()
+    for (_, done), error in zip(chunk, errors, strict=True):
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 def _not_accepted(message_id: str | None, confirm: object) -> PublishError:
