@@ -66,3 +66,8 @@ async def noop_async(body: bytes) -> None:
 def cpu(body: bytes) -> None:
     burn(CPU_ITERS)
     _tick()
+
+
+def echo(body: Any) -> Any:
+    """bench_client.py's call() handler: the reply is the request (no _tick)."""
+    return body

@@ -21,3 +21,11 @@ def handle(body, message: rmqpool.Message):
 async def handle_async(body):
     """An async handler: runs on the worker's event loop."""
     log.info("handled %r", body)
+
+
+def echo(body, message: rmqpool.Message):
+    """An RPC handler (examples/fastapi_app.py calls it): what it returns is the reply.
+    {"fail": "..."} fails it, so the caller gets an error reply once it is dead-lettered."""
+    if isinstance(body, dict) and body.get("fail"):
+        raise ValueError(f"asked to fail: {body['fail']}")
+    return {"echo": body, "attempt": message.attempt}

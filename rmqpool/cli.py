@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from . import __version__, exitcodes
 from . import log as rlog
+from .argv import StrictParser
 from .handler import HandlerError, load
-from .settings import DURATION_HELP, OPTIONS, SettingsError, closest, resolve, unknown_env
+from .settings import DURATION_HELP, OPTIONS, SettingsError, resolve, unknown_env
 from .signals import SignalQueue
+
+SUBCOMMANDS = ("publish", "call")  # never a handler: a handler spec has a colon
 
 EPILOG = """\
 signals to the supervisor:
@@ -21,28 +22,21 @@ signals to the supervisor:
   TTIN, TTOU  one worker more / fewer
 
 exit codes:
-""" + "\n".join(f"  {code:<3} {text}" for code, text in exitcodes.DESCRIPTIONS.items())
+""" + exitcodes.describe(exitcodes.POOL) + """
+
+putting messages in (each has its own --help):
+  rmqpool publish --routing-key KEY --body JSON   publish with confirms (or JSON lines)
+  rmqpool call --routing-key KEY --body JSON      send one request, print the reply
+"""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        _fail(f"{message} (see rmqpool --help)")
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"rmqpool: error: {message}", file=sys.stderr)
-    raise SystemExit(exitcodes.USAGE)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    # No abbreviations: `--work 2` would work today and break once another option starts
-    # with --work; a typo is an error that names the closest option instead.
-    parser = _Parser(
-        prog="rmqpool", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        allow_abbrev=False,
+def build_parser() -> StrictParser:
+    parser = StrictParser(
+        "rmqpool", epilog=EPILOG, extra_hint="give one MODULE:FUNCTION",
         description="Run HANDLER (MODULE:FUNCTION) in a pool of worker processes consuming a "
                     "RabbitMQ queue. Every option can also be set with the environment "
-                    f"variable shown; {DURATION_HELP}.")
+                    f"variable shown; {DURATION_HELP}. Subcommands publish and call put "
+                    "messages in (see below).")
     parser.add_argument("handler", nargs="?", metavar="MODULE:FUNCTION",
                         help="the handler to run (env: RMQPOOL_HANDLER)")
     parser.add_argument("--version", action="version", version=f"rmqpool {__version__}")
@@ -55,35 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    args, extra = parser.parse_known_args(argv)
-    unknown = next((arg.split("=", 1)[0] for arg in extra if arg.startswith("-")), None)
-    if unknown is not None:
-        guess = closest(unknown, ["--help", "--version", *(opt.flag for opt in OPTIONS)])
-        _fail(f"unknown option {unknown}" + (f"; did you mean {guess}?" if guess else "")
-              + " (see rmqpool --help)")
-    if extra:
-        _fail(f"unexpected argument {extra[0]!r}: give one MODULE:FUNCTION (see rmqpool --help)")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        from . import publish_cli  # only here: the pool has no use for tqdm
+
+        return publish_cli.main(argv[0], argv[1:])
     for warning in unknown_env(os.environ):  # first: a misspelt variable may explain an error
         print(f"rmqpool: warning: {warning}", file=sys.stderr)
-    args = _parse(build_parser(), argv)
+    parser = build_parser()
+    args = parser.parse_strictly(argv)
     try:
         settings = resolve(args.handler, vars(args), os.environ)
     except SettingsError as exc:
-        _fail(str(exc))
+        parser.fail(str(exc))
     rlog.setup(settings.log_level, settings.log_format, settings.library_log_level)
     signals = SignalQueue().install()  # a signal during a slow import waits for the loop
     try:
         handler = load(settings.handler)
     except HandlerError as exc:
-        _fail(str(exc))
+        parser.fail(str(exc))
     from .supervisor import Supervisor  # after setup(): SPT_NOENV before setproctitle
 
     try:
         return Supervisor(settings, handler, signals).run()
     except SettingsError as exc:  # the metrics port cannot be bound
-        _fail(str(exc))
+        parser.fail(str(exc))

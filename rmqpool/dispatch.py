@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiormq.abc import DeliveredMessage
@@ -26,6 +26,7 @@ from .handler import Handler
 from .log import message_event
 from .message import Message, attempt_of, decode_body, identify, lenient_attempt
 from .outcome import Outcome, Policy, charge, decide
+from .outgoing import Outgoing, reply
 from .scoreboard import Scoreboard
 from .settings import Settings
 
@@ -119,14 +120,16 @@ class Attempt:
     exc: BaseException | None  # what the handler raised (or why it did not run)
     duration: float  # seconds in the handler; -1 when it did not run
     outcome: Outcome | None  # None: a dead worker had settled it; only ack it
+    # Published, and confirmed, before the ack: the handler's output and the RPC reply.
+    outputs: list[Outgoing] = field(default_factory=list)
     # Called once a failed attempt is settled: its executor waits for that before the
     # next message, so a worker that dies soon after never leaves two copies in flight.
     settled: Callable[[], None] | None = None
 
     @property
     def failed(self) -> bool:
-        """Its outcome is a retry or dead-letter copy (published before the ack)."""
-        return self.outcome is not None and self.exc is not None
+        """It publishes before its ack: a retry or dead-letter copy, output or a reply."""
+        return self.outcome is not None and (self.exc is not None or bool(self.outputs))
 
 
 @dataclass(slots=True)
@@ -172,14 +175,14 @@ class Dispatcher:
             self.board.start(index, start.key, raw.header.properties.message_id)
             started = time.monotonic()
             try:
-                self.handler.fn(*start.args)
+                result = self.handler.fn(*start.args)
             except BaseException as exc:
                 # A failing handler is an outcome, not a crash: sys.exit(), a
                 # CancelledError escaping an asyncio.run() inside it, anything.
                 return self._finish(raw, start, exc, time.monotonic() - started)
             finally:
                 self.board.finish(index)
-            return self._finish(raw, start, None, time.monotonic() - started)
+            return self._finish(raw, start, None, time.monotonic() - started, result)
 
     async def run_async(self, raw: DeliveredMessage, index: int) -> Attempt:
         """On the loop; cancelled at --time-limit."""
@@ -196,7 +199,7 @@ class Dispatcher:
             limit = asyncio.timeout(self.time_limit)
             try:
                 async with limit:
-                    await self.handler.fn(*start.args)
+                    result = await self.handler.fn(*start.args)
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise  # the worker itself is stopping: not the handler's outcome
@@ -207,7 +210,7 @@ class Dispatcher:
                 return self._finish(raw, start, exc, time.monotonic() - started)
             finally:
                 self.board.finish(index)
-            return self._finish(raw, start, None, time.monotonic() - started)
+            return self._finish(raw, start, None, time.monotonic() - started, result)
 
     def mark_failing(self, raw: DeliveredMessage, index: int) -> None:
         """rmqpool itself failed on this delivery (a bug) and the worker is about to exit:
@@ -243,9 +246,19 @@ class Dispatcher:
         start.args = (body, Message(raw, start.number)) if self.handler.wants_message else (body,)
 
     def _finish(self, raw: DeliveredMessage, start: _Start, exc: BaseException | None,
-                duration: float) -> Attempt:
+                duration: float, result: Any = None) -> Attempt:
+        outputs: list[Outgoing] = []
+        if exc is None and not start.settled:
+            if self.handler.wants_message:
+                outputs = start.args[1].outputs
+            if raw.header.properties.reply_to:
+                try:  # a return value that cannot be sent is the handler's failure
+                    outputs = [*outputs, reply(raw.header.properties, result, "ok")]
+                except TypeError as bad:
+                    exc, outputs = bad, []
         outcome = None if start.settled else decide(exc, start.number, self.policy)
-        return Attempt(raw, start.number, start.key, start.settled_key, exc, duration, outcome)
+        return Attempt(raw, start.number, start.key, start.settled_key, exc, duration, outcome,
+                       outputs)
 
 
 def _being_cancelled() -> bool:

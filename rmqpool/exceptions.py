@@ -47,3 +47,32 @@ class WorkerDied(Exception):
 
 class MalformedMessage(Exception):
     """The body could not be decoded as its content type claims."""
+
+
+class PublishError(Exception):
+    """The broker did not take a message: nacked, a missing exchange, refused, or not
+    confirmed in time. The message says which, and what to do."""
+
+
+class BrokerRefused(PublishError):
+    """The broker refused the credentials or the virtual host: trying again won't help."""
+
+
+class PublishRefused(PublishError):
+    """The broker refused the publish and closed the channel: no such exchange, no
+    permission to write to it, or a property it does not take. Another message to the
+    same exchange with the same properties is refused the same way."""
+
+
+class Unroutable(PublishError):
+    """Published with mandatory=True, but no queue is bound to its routing key."""
+
+
+class RemoteError(Exception):
+    """An RPC request was dead-lettered by the pool that handled it."""
+
+    def __init__(self, reason: str, type: str, message: str) -> None:
+        super().__init__(f"{reason}: {type}: {message}" if type else reason)
+        self.reason = reason
+        self.type = type
+        self.message = message

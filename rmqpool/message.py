@@ -12,12 +12,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import uuid
 from typing import Any, cast
 
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from .exceptions import MalformedMessage
+from .outgoing import Outgoing, outgoing
 from .topology import H_ATTEMPT, H_EXCHANGE, H_ROUTING_KEY
 
 _TEXT_ENCODINGS = {None, "", "utf-8", "utf8", "UTF-8"}
@@ -104,7 +106,7 @@ class Message:
     __slots__ = ("body", "headers", "routing_key", "exchange", "redelivered", "attempt",
                  "message_id", "correlation_id", "reply_to", "content_type",
                  "content_encoding", "timestamp", "type", "app_id", "priority", "expiration",
-                 "delivery_tag")
+                 "delivery_tag", "outputs")
 
     def __init__(self, raw: DeliveredMessage, attempt: int) -> None:
         props = raw.header.properties
@@ -128,6 +130,34 @@ class Message:
         self.priority: int | None = props.priority
         self.expiration: str | None = props.expiration
         self.delivery_tag: int = cast(int, delivery.delivery_tag)
+        self.outputs: list[Outgoing] = []  # what publish() asked for, sent after success
+
+    def publish(self, body: Any, *, routing_key: str, exchange: str = "",
+                headers: dict[str, Any] | None = None, message_id: str | None = None,
+                correlation_id: str | None = None, priority: int | None = None,
+                expiration: float | str | None = None, persistent: bool = True,
+                mandatory: bool = True) -> str:
+        """Publish a follow-up message through this worker's connection, from a sync or an
+        async handler; returns its message id. Nothing is sent until the handler returns:
+        the output of an attempt that fails is dropped (its retry publishes again), and
+        all of it is confirmed by the broker before this message is acked. A body that
+        cannot be encoded raises TypeError here, in the handler."""
+        message = outgoing(body, routing_key=routing_key, exchange=exchange, headers=headers,
+                           message_id=message_id or self._output_id(),
+                           correlation_id=correlation_id,
+                           priority=priority, expiration=expiration, persistent=persistent,
+                           mandatory=mandatory)
+        self.outputs.append(message)
+        return message.message_id
+
+    def _output_id(self) -> str | None:
+        """The same on every run of this message (its id, body and the output's place), so
+        a rerun after a crash publishes the same ids and a consumer can drop duplicates."""
+        if not self.message_id:
+            return None  # a random one: two identical id-less inputs are two inputs
+        digest = hashlib.blake2b(self.body, digest_size=16).hexdigest()
+        name = f"rmqpool-output:{self.message_id}:{digest}:{len(self.outputs)}"
+        return uuid.uuid5(uuid.NAMESPACE_URL, name).hex
 
     @property
     def properties(self) -> dict[str, Any]:

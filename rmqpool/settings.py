@@ -252,7 +252,7 @@ class Settings:
 
     def validate(self) -> Settings:
         _check_handler_spec(self.handler)
-        _check_url(self.url)
+        check_url(self.url)
         if not self.queue or len(self.queue.encode()) > 255 or self.queue.startswith("amq."):
             raise SettingsError(
                 f"--queue {self.queue!r} is not a usable queue name: give 1-255 bytes "
@@ -344,7 +344,7 @@ def _check_handler_spec(spec: str) -> None:
             "(a module importable from the current directory, a colon, a function name)")
 
 
-def _check_url(url: str) -> None:
+def check_url(url: str) -> None:
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -32,10 +32,11 @@ from . import topology as t
 from .ack import Acker
 from .broker_errors import BROKER_ERRORS, translated
 from .dispatch import Attempt, deliver_frame
-from .exceptions import Retry, WorkerDied
+from .exceptions import Retry, Unroutable, WorkerDied
 from .log import message_event
-from .outcome import Action, Outcome
-from .publisher import Publisher, PublishFailed
+from .outcome import Action, Outcome, Policy, decide
+from .outgoing import STATUS_HEADER, Outgoing, reply
+from .publisher import ChannelPublisher, PublishFailed
 from .scoreboard import Scoreboard
 from .settings import Settings
 
@@ -85,7 +86,8 @@ class Tiers:
 
 
 class Settler:
-    def __init__(self, settings: Settings, slot: int, board: Scoreboard, publisher: Publisher,
+    def __init__(self, settings: Settings, slot: int, board: Scoreboard,
+                 publisher: ChannelPublisher,
                  tiers: Tiers, redeclare: Callable[[], Awaitable[None]],
                  charge: Callable[[int], None]):
         self.settings = settings
@@ -95,6 +97,7 @@ class Settler:
         self.tiers = tiers
         self.redeclare = redeclare
         self.charge = charge  # tell the supervisor: rmqpool failed on this message key
+        self.policy = Policy.from_settings(settings)
         self.acker = Acker()
         self.republishing: set[asyncio.Task[None]] = set()
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -109,13 +112,13 @@ class Settler:
                          "without running or counting it again",
                          extra={"event": self._event(attempt, "acked")})
                 acks.append(attempt.raw)
-            elif attempt.outcome.action is Action.ACK:
+            elif attempt.outcome.action is Action.ACK and not attempt.outputs:
                 if self._record(attempt, attempt.outcome):
                     acks.append(attempt.raw)
                     if self._debug:
                         log.debug("acked", extra={"event": self._event(attempt, "acked")})
             else:
-                task = asyncio.create_task(self._settle_failure(attempt, attempt.outcome))
+                task = asyncio.create_task(self._publish_then_ack(attempt, attempt.outcome))
                 self.republishing.add(task)
                 task.add_done_callback(self.republishing.discard)
                 if attempt.settled is not None:
@@ -141,10 +144,10 @@ class Settler:
                           attempt.settled_key)
         return not closed
 
-    async def _settle_failure(self, attempt: Attempt, outcome: Outcome) -> None:
+    async def _publish_then_ack(self, attempt: Attempt, outcome: Outcome) -> None:
         raw = attempt.raw
         try:
-            await self._copy(attempt, outcome)
+            outcome = await self._publish(attempt, outcome)
         except PublishFailed as failed:
             log.error("%s; the message goes back to the queue in %gs", failed, REQUEUE_DELAY,
                       extra={"event": self._event(attempt, "requeued")})
@@ -171,6 +174,44 @@ class Settler:
             await self.acker.ack([raw], wait=True)
         self._log_outcome(attempt, outcome)
 
+    async def _publish(self, attempt: Attempt, outcome: Outcome) -> Outcome:
+        """What the outcome publishes: the handler's output and its reply, or a retry or
+        dead-letter copy (and an error reply). Output that no queue takes is the
+        attempt's failure: the message is retried, and dead-lettered in the end."""
+        if outcome.action is Action.ACK:
+            # The reply only once the output is in: if no queue takes the output, the
+            # attempt has failed and is retried, and a retry must not have replied.
+            lost = await self.publisher.publish_all(
+                [m for m in attempt.outputs if not _is_reply(m)])
+            if not lost:
+                if await self.publisher.publish_all([m for m in attempt.outputs
+                                                     if _is_reply(m)]):
+                    log.debug("the requester has gone: its reply was unroutable",
+                              extra={"event": self._event(attempt, "acked")})
+                return outcome
+            attempt.exc = Unroutable(
+                f"the handler's output to {lost[0].routing_key!r} on "
+                f"{lost[0].exchange or 'the default exchange'!r} was unroutable (no queue is "
+                "bound to it)")
+            outcome = decide(attempt.exc, attempt.number, self.policy)
+        await self._copy(attempt, outcome)
+        if outcome.action is Action.DEAD_LETTER and attempt.raw.header.properties.reply_to:
+            await self._error_reply(attempt, outcome)
+        return outcome
+
+    async def _error_reply(self, attempt: Attempt, outcome: Outcome) -> None:
+        """Tell the requester its request was dead-lettered (best effort: the dead letter
+        is the record)."""
+        exc = attempt.exc
+        body = {"reason": str(outcome.reason), "type": type(exc).__qualname__ if exc else "",
+                "message": _safe_str(exc)[:EXC_MESSAGE_LIMIT] if exc else ""}
+        try:
+            if not await self.publisher.publish(reply(attempt.raw.header.properties, body,
+                                                      "error")):
+                log.debug("the requester has gone: its error reply was unroutable")
+        except PublishFailed as failed:
+            log.warning("the error reply was not published: %s", failed)
+
     async def _copy(self, attempt: Attempt, outcome: Outcome) -> None:
         raw, exc = attempt.raw, attempt.exc
         if outcome.action is Action.RETRY:
@@ -188,6 +229,11 @@ class Settler:
 
     def _log_outcome(self, attempt: Attempt, outcome: Outcome) -> None:
         event = self._event(attempt, outcome.action.value)
+        if outcome.action is Action.ACK:
+            if self._debug:
+                log.debug("acked after %d output message(s) were confirmed",
+                          len(attempt.outputs), extra={"event": event})
+            return
         event["attempt"] = attempt.number
         what = _describe(attempt.exc)
         if outcome.action is Action.RETRY:
@@ -198,6 +244,10 @@ class Settler:
             event["reason"] = outcome.reason
             log.error("dead-lettered to %s (%s): %s", t.dlq_name(self.settings.queue),
                       outcome.reason, what, extra={"event": event})
+
+
+def _is_reply(message: Outgoing) -> bool:
+    return bool(message.properties.headers and STATUS_HEADER in message.properties.headers)
 
 
 def _calling(fn: Callable[[], None]) -> Callable[[asyncio.Task[None]], None]:

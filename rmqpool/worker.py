@@ -27,7 +27,7 @@ from .declare import TopologyRefused, declare_topology
 from .dispatch import Dispatcher
 from .handler import Handler
 from .outcome import Death
-from .publisher import Publisher
+from .publisher import ChannelPublisher
 from .scoreboard import RECONNECTS, Scoreboard
 from .settings import BROKER_CONSUMER_TIMEOUT, Settings
 from .settle import Settler, Tiers
@@ -119,7 +119,7 @@ class Worker:
         channel = await self._open_channel(connection)
         self._tiers = Tiers(self.settings, connection)
         dispatcher = Dispatcher(self.handler, self.settings, self.board, self._ask)
-        settler = Settler(self.settings, self.slot, self.board, Publisher(channel),
+        settler = Settler(self.settings, self.slot, self.board, ChannelPublisher(channel),
                           self._tiers, self._redeclare, self._charge)
         consumer = Consumer(channel, self.settings.queue, dispatcher, settler,
                             self.settings.concurrency, self._ready, self._consumer_lost)

@@ -3,10 +3,12 @@ and its examples run against the real broker."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -89,3 +91,45 @@ def test_readme_handler_example_runs(queue, tmp_path):
     [dead] = amqp.get_all(topology.dlq_name(queue))
     assert dead.message_id == unknown and dead.headers["x-rmqpool-reason"] == "rejected"
     amqp.delete([topology.retry_queue_name(queue, 2)])
+
+
+@pytest.mark.timeout(90)
+def test_readme_client_example_runs(queue, tmp_path):
+    code = re.search(r"```python\n(# client.py.*?)```", README, re.S)
+    assert code is not None
+    script = tmp_path / "readme_client.py"
+    script.write_text(code.group(1).replace('"jobs"', repr(queue)))
+    with Pool("tests.support.handlers:echo", "--queue", queue, "--workers", "1",
+              tmp_path=tmp_path, env={"RECORD_FILE": str(tmp_path / "records")}) as pool:
+        pool.wait_ready()
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr
+        job_id, count, reply = out.stdout.strip().split(" ", 2)
+        assert len(job_id) == 32 and count == "1000"
+        assert "'echo': {'text': 'hi'}" in reply
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_readme_handler_output_example_runs(queue, tmp_path):
+    code = re.search(r"```python\n(def handle\(body, message: rmqpool.Message\):\n"
+                     r"    message.publish.*?)```", README, re.S)
+    assert code is not None
+    out_queue = f"{queue}-thumbnails"
+    amqp.declare(out_queue)
+    (tmp_path / "readme_output.py").write_text(
+        "import rmqpool\n\n" + code.group(1).replace('"thumbnails"', repr(out_queue)))
+    try:
+        with Pool("readme_output:handle", "--queue", queue, "--workers", "1",
+                  tmp_path=tmp_path, env={"PYTHONPATH": f"{ROOT}:{tmp_path}"}) as pool:
+            pool.wait_ready()
+            amqp.publish(queue, [{"id": 7}])
+            wait_for(lambda: amqp.count(out_queue) == 1, 15, "the output message")
+            pool.signal(signal.SIGTERM)
+            assert pool.wait(15) == 0
+        [output] = amqp.get_all(out_queue)
+        assert json.loads(output.body) == {"thumbnail_of": 7}
+    finally:
+        amqp.delete([out_queue])

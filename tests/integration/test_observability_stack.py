@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.support import amqp
-from tests.support.pool import ROOT, Pool, free_port, wait_for
+from tests.support.pool import ROOT, Pool, free_port, terminate, wait_for
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "rmqpool.json"
 RULES = ROOT / "deploy" / "prometheus" / "rmqpool-alerts.yml"
@@ -194,13 +194,8 @@ class Prometheus:
         return [(s["metric"], float(s["value"][1])) for s in data["result"]]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc)
         if hasattr(self, "_log"):
             self._log.close()
 

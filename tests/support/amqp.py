@@ -94,9 +94,10 @@ def declare(queue: str, url: str = URL, arguments: dict[str, Any] | None = None)
     asyncio.run(go())
 
 
-def count(queue: str, url: str = URL) -> int | None:
-    """Ready messages in `queue`, or None if it does not exist."""
-    async def go() -> int | None:
+def _declare_ok(queue: str, url: str) -> Any:
+    """The broker's Queue.DeclareOk for a passive declare of `queue`, or None if it does
+    not exist."""
+    async def go() -> Any:
         connection = await aio_pika.connect(url)
         async with connection:
             channel = await connection.channel()
@@ -104,9 +105,21 @@ def count(queue: str, url: str = URL) -> int | None:
                 q = await channel.declare_queue(queue, passive=True)
             except aio_pika.exceptions.ChannelNotFoundEntity:
                 return None
-            return q.declaration_result.message_count
+            return q.declaration_result
 
     return asyncio.run(go())
+
+
+def count(queue: str, url: str = URL) -> int | None:
+    """Ready messages in `queue`, or None if it does not exist."""
+    ok = _declare_ok(queue, url)
+    return None if ok is None else int(ok.message_count)
+
+
+def consumers(queue: str, url: str = URL) -> int | None:
+    """Consumers of `queue`, or None if it does not exist."""
+    ok = _declare_ok(queue, url)
+    return None if ok is None else int(ok.consumer_count)
 
 
 def counts(queues: Iterable[str], url: str = URL) -> dict[str, int | None]:

@@ -184,3 +184,37 @@ def tagged(body: Any, message: rmqpool.Message) -> None:
     """Records the body's "tag" (to tell apart messages that share a message id)."""
     time.sleep(float(body.get("sleep", 0)))
     _record(message, str(body["tag"]))
+
+
+def echo(body: Any, message: rmqpool.Message) -> Any:
+    """Returns what it got (an RPC reply); body {"fail": "..."} raises, {"reject": ...}
+    rejects, {"unsendable": true} returns what cannot be sent."""
+    _record(message, "echo")
+    if isinstance(body, dict):
+        if body.get("fail"):
+            raise ValueError(body["fail"])
+        if body.get("reject"):
+            raise rmqpool.Reject(body["reject"])
+        if body.get("unsendable"):
+            return {1, 2}
+    return {"echo": body, "attempt": message.attempt}
+
+
+async def echo_async(body: Any, message: rmqpool.Message) -> Any:
+    return echo(body, message)
+
+
+def forward(body: Any, message: rmqpool.Message) -> None:
+    """Publishes body["to"] <- body["out"] (several if a list), then fails until attempt
+    body["fail_until"] (handler output must be published only on success)."""
+    outs = body["out"] if isinstance(body["out"], list) else [body["out"]]
+    for out in outs:
+        message.publish(out, routing_key=body["to"])
+    _record(message, "published")
+    if message.attempt < int(body.get("fail_until", 0)):
+        raise RuntimeError(f"failing attempt {message.attempt} after publishing")
+    _record(message, "done")
+
+
+async def forward_async(body: Any, message: rmqpool.Message) -> None:
+    forward(body, message)

@@ -39,6 +39,18 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
 
 
+def terminate(proc: subprocess.Popen[Any], grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL to its process group if it has not exited after `grace`
+    seconds (start it with start_new_session=True)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 class Pool:
     def __init__(self, handler: str, *args: str, tmp_path: pathlib.Path,
                  env: dict[str, str] | None = None, metrics: bool = True) -> None:
