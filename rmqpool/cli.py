@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import publish_cli  # only here: the pool has no use for tqdm
 
         return publish_cli.main(argv[0], argv[1:])
+    signals = SignalQueue().install()  # first: a signal during start-up waits for the loop
     for warning in unknown_env(os.environ):  # first: a misspelt variable may explain an error
         print(f"rmqpool: warning: {warning}", file=sys.stderr)
     parser = build_parser()
@@ -64,7 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.fail(str(exc))
     rlog.setup(settings.log_level, settings.log_format, settings.library_log_level)
-    signals = SignalQueue().install()  # a signal during a slow import waits for the loop
     try:
         handler = load(settings.handler)
     except HandlerError as exc:

@@ -100,7 +100,7 @@ def _fields(cls: type) -> tuple[str, dict[str, type]]:
     return kind, hints
 
 
-_SCHEMAS: dict[str, dict[str, type]] = dict(
+SCHEMAS: dict[str, dict[str, type]] = dict(
     _fields(cls) for cls in (Beat, Ready, NotReady, Fatal, Ask, Charge, Drain, VerdictMessage))
 
 
@@ -112,7 +112,7 @@ def decode(line: bytes) -> Any:
     """The message on `line`, or None (logged) when it is not a valid one."""
     try:
         message = json.loads(line)
-        schema = _SCHEMAS[message["t"]]
+        schema = SCHEMAS[message["t"]]
         if set(message) - {"t"} == set(schema) and all(
                 _is(message[name], kind) for name, kind in schema.items()):
             return message

@@ -22,6 +22,7 @@ from pamqp import commands as spec
 
 from .control import Verdict
 from .exceptions import MalformedMessage, TimeLimitExceeded
+from .frames import undecodable
 from .handler import Handler
 from .log import message_event
 from .message import Message, attempt_of, decode_body, identify, lenient_attempt
@@ -238,6 +239,9 @@ class Dispatcher:
             return
         props = raw.header.properties
         try:
+            if (why := undecodable(props.headers)) is not None:
+                raise MalformedMessage(f"its properties cannot be decoded ({why}); they are "
+                                       "lost, the body is kept")
             attempt_of(props.headers)
             body = decode_body(raw.body, props.content_type, props.content_encoding)
         except MalformedMessage as exc:

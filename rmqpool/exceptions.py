@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 # Longest delay Retry(delay=S) accepts: the broker holds retries in TTL queues.
 MAX_RETRY_DELAY = 7 * 24 * 3600.0
 
@@ -23,8 +21,8 @@ class Retry(Exception):
         # A bad delay is the handler's error, raised where the handler raises Retry.
         if delay is not None:
             if (isinstance(delay, bool) or not isinstance(delay, int | float)
-                    or not math.isfinite(delay) or not 0 < delay <= MAX_RETRY_DELAY):
-                raise ValueError(f"Retry(delay={delay!r}): delay must be a number of seconds "
+                    or not 0 < delay <= MAX_RETRY_DELAY):  # nan fails the comparison too
+                raise ValueError(f"Retry(delay={delay!r:.40}): delay must be a number of seconds "
                                  f"above 0 and at most {MAX_RETRY_DELAY:g} (7 days)")
             delay = float(delay)
         super().__init__(reason)

@@ -25,7 +25,23 @@ from .outgoing import Outgoing
 
 
 class PublishFailed(Exception):
-    """The broker did not confirm the copy; the original must not be acked."""
+    """The broker did not confirm the copy; the original must not be acked. `refused`:
+    the broker said no (a nack, a refusal that closed the channel), as opposed to a lost
+    connection, so sending it again will likely be refused again."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def _failed(routing_key: str, exc: BaseException) -> PublishFailed:
+    """A returned copy is not refused (its queue went missing: declaring the queues again
+    fixes that); a nack or a refusal that closed the channel is."""
+    returned = isinstance(exc, aiormq.exceptions.PublishError)
+    refused = not returned and isinstance(
+        exc, aiormq.exceptions.AMQPChannelError | aiormq.exceptions.DeliveryError)
+    return PublishFailed(f"publishing to {routing_key!r} failed: {type(exc).__name__}: {exc}",
+                         refused=refused)
 
 
 class ChannelPublisher:
@@ -57,10 +73,10 @@ class ChannelPublisher:
                         raw.body, exchange="", routing_key=routing_key, properties=props,
                         mandatory=True, timeout=self._timeout)
         except BROKER_ERRORS as exc:
-            raise PublishFailed(f"publishing to {routing_key!r} failed: "
-                                f"{type(exc).__name__}: {exc}") from None
+            raise _failed(routing_key, exc) from None
         if not isinstance(confirm, spec.Basic.Ack):
-            raise PublishFailed(f"broker did not confirm the copy to {routing_key!r}: {confirm!r}")
+            raise PublishFailed(f"broker did not confirm the copy to {routing_key!r}: {confirm!r}",
+                                refused=True)
 
 
     async def publish(self, message: Outgoing) -> bool:
@@ -74,11 +90,10 @@ class ChannelPublisher:
         except aiormq.exceptions.PublishError:
             return False
         except BROKER_ERRORS as exc:
-            raise PublishFailed(f"publishing to {message.routing_key!r} failed: "
-                                f"{type(exc).__name__}: {exc}") from None
+            raise _failed(message.routing_key, exc) from None
         if not isinstance(confirm, spec.Basic.Ack):
             raise PublishFailed(f"broker did not confirm the message to "
-                                f"{message.routing_key!r}: {confirm!r}")
+                                f"{message.routing_key!r}: {confirm!r}", refused=True)
         return True
 
     async def publish_all(self, messages: list[Outgoing]) -> list[Outgoing]:

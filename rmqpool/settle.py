@@ -15,6 +15,7 @@ message like a worker death, so the poison rule ends it instead of a loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import math
@@ -50,21 +51,28 @@ REQUEUE_DELAY = 1.0  # a refused copy waits this long before its original is req
 class Tiers:
     """Retry queue names by delay: the configured tiers are declared at start; a
     handler's Retry(delay=S) is rounded up to the grid (topology.RETRY_GRID) and its
-    queue declared on first use, on a channel of its own (a 406 closes its channel)."""
+    queue declared on first use, on a channel of its own (a 406 closes its channel).
+    A tier queue the broker will not declare as rmqpool's (it exists with other
+    arguments, maybe without the TTL that brings messages back, or it is another
+    connection's exclusive queue) is not used: the retry waits in the nearest
+    configured tier instead, which was declared at start and is known to work."""
 
     def __init__(self, settings: Settings, connection: aio_pika.abc.AbstractConnection):
         self._settings = settings
         self._connection = connection
         self.names = {d: t.retry_queue_name(settings.queue, d)
                       for d in t.retry_delays(settings)}
+        self.fallbacks: dict[float, str] = {}
 
     def extra(self) -> list[float]:
         """Tiers declared on demand (to declare again after a queue went missing)."""
-        return [d for d in self.names if d not in t.retry_delays(self._settings)]
+        configured = t.retry_delays(self._settings)
+        return [d for d in self.names if d not in configured and d not in self.fallbacks]
 
-    async def name_for(self, delay: float, exact: bool) -> str:
+    async def name_for(self, delay: float, exact: bool) -> tuple[float, str]:
+        """(the delay the retry will wait, its queue)."""
         if not exact:
-            return self.names[delay]
+            return delay, self.names[delay]
         delay = t.tier_for(delay, self._settings)
         name = self.names.get(delay)
         if name is None:
@@ -75,14 +83,23 @@ class Tiers:
                     async with channel:
                         await channel.declare_queue(spec.name, durable=True,
                                                     arguments=spec.arguments)
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                log.warning("retry queue %r exists with other arguments (%s); using it as it "
-                            "is", spec.name, exc.args[-1] if exc.args else exc)
+                name = spec.name
+            except aiormq.exceptions.AMQPChannelError as exc:  # refused, not a lost line
+                configured = t.retry_delays(self._settings)
+                fallback = min((d for d in configured if d >= delay), default=max(configured))
+                name = self.fallbacks[delay] = self.names[fallback]
+                log.warning("retry queue %r cannot be rmqpool's (%s); retries of %gs wait in "
+                            "%r instead", spec.name, exc.args[-1] if exc.args else exc, delay,
+                            name)
             except BROKER_ERRORS as exc:
                 raise PublishFailed(f"declaring retry queue {spec.name!r} failed: "
                                     f"{type(exc).__name__}: {exc}") from None
-            name = self.names[delay] = spec.name
-        return name
+            self.names[delay] = name
+        declared = t.retry_delays(self._settings)
+        for tier, queue in self.names.items():  # the delay of the queue used
+            if queue == name and tier in declared:
+                return tier, name
+        return delay, name
 
 
 class Settler:
@@ -151,6 +168,8 @@ class Settler:
         except PublishFailed as failed:
             log.error("%s; the message goes back to the queue in %gs", failed, REQUEUE_DELAY,
                       extra={"event": self._event(attempt, "requeued")})
+            if failed.refused:  # the broker will refuse it again: the poison rule ends it
+                self.charge(attempt.key)
             # Not at once: a deleted retry queue or DLQ would make a tight loop. Declare
             # the topology again (someone may have deleted a queue), then requeue.
             await asyncio.sleep(REQUEUE_DELAY)
@@ -194,7 +213,7 @@ class Settler:
                 f"{lost[0].exchange or 'the default exchange'!r} was unroutable (no queue is "
                 "bound to it)")
             outcome = decide(attempt.exc, attempt.number, self.policy)
-        await self._copy(attempt, outcome)
+        outcome = await self._copy(attempt, outcome)
         if outcome.action is Action.DEAD_LETTER and attempt.raw.header.properties.reply_to:
             await self._error_reply(attempt, outcome)
         return outcome
@@ -212,17 +231,20 @@ class Settler:
         except PublishFailed as failed:
             log.warning("the error reply was not published: %s", failed)
 
-    async def _copy(self, attempt: Attempt, outcome: Outcome) -> None:
+    async def _copy(self, attempt: Attempt, outcome: Outcome) -> Outcome:
+        """Publish the copy; returns the outcome with the delay the retry really waits."""
         raw, exc = attempt.raw, attempt.exc
         if outcome.action is Action.RETRY:
             exact = isinstance(exc, Retry) and exc.delay is not None  # kept, rounded up
             delay = outcome.delay if exact else random.choice(
                 t.jittered(outcome.delay, self.settings.retry_jitter))
-            target = await self.tiers.name_for(delay, exact)
+            delay, target = await self.tiers.name_for(delay, exact)
+            outcome = dataclasses.replace(outcome, delay=delay)
         else:
             target = t.dlq_name(self.settings.queue)
         headers = copy_headers(raw, outcome, exc, attempt.number, self.settings.queue, self.slot)
         await self.publisher.republish(raw, target, headers)
+        return outcome
 
     def _event(self, attempt: Attempt, outcome: str) -> dict[str, object]:
         return message_event(attempt.raw, self.settings.queue, outcome, attempt.duration)
@@ -289,7 +311,7 @@ def _encodable(headers: FieldTable) -> FieldTable:
     """`headers` if they encode and the broker takes them; else without the values that
     don't, whose repr is kept in one string header."""
     try:
-        _check(headers)
+        check_encodable(headers)
         return headers
     except Exception:
         pass
@@ -297,7 +319,7 @@ def _encodable(headers: FieldTable) -> FieldTable:
     dropped = {}
     for key, value in headers.items():
         try:
-            _check({key: value})
+            check_encodable({key: value})
             kept[key] = value
         except Exception:
             dropped[str(key)] = value
@@ -305,7 +327,7 @@ def _encodable(headers: FieldTable) -> FieldTable:
     return kept
 
 
-def _check(table: FieldTable) -> None:
+def check_encodable(table: FieldTable) -> None:
     """Raises unless `table` encodes and holds no inf or nan (the broker closes the
     connection on those: 541 INTERNAL_ERROR)."""
     encode.field_table(table)

@@ -37,6 +37,8 @@ H_EXPIRATION = "x-rmqpool-original-expiration"
 # Headers of the original that cannot be encoded again (e.g. a double too large for
 # the float type a client library re-encodes it as): their repr, so nothing is lost.
 H_UNENCODABLE = "x-rmqpool-unencodable-headers"
+# On a delivery whose properties could not be decoded (see frames.py): the error.
+H_UNDECODABLE = "x-rmqpool-undecodable-properties"
 
 # A quorum work queue dead-letters a message redelivered this many times (a
 # backstop under rmqpool's own poison tracking, which works on classic queues too).

@@ -20,7 +20,7 @@ import aiormq
 import setproctitle
 import uvloop
 
-from . import control, exitcodes, topology
+from . import control, exitcodes, frames, topology
 from .broker_errors import BROKER_ERRORS, translated
 from .consumer import Consumer
 from .declare import TopologyRefused, declare_topology
@@ -51,6 +51,7 @@ def worker_main(settings: Settings, slot: int, handler: Handler, sock: Any,
                 board: Scoreboard, supervisor_pid: int) -> int:
     """Entry point in the forked child. Returns the process's exit code."""
     setproctitle.setproctitle(f"rmqpool: worker {slot} [{handler.spec} on {settings.queue}]")
+    frames.install()  # a delivery with undecodable properties is malformed, not a crash loop
     worker = Worker(settings, slot, handler, sock, board, supervisor_pid)
     # Not closed: closing a Runner cancels and joins every task, and a connection
     # handshake may ignore the cancel. The caller exits the process right after.
@@ -217,15 +218,18 @@ class Worker:
         return channel
 
     async def _redeclare(self) -> None:
-        """Declare the queues again (after a publish found one missing). On the raw
-        channel: the robust channel already remembers them for reconnects."""
-        assert self._channel is not None
-        raw = await self._channel.get_underlay_channel()
+        """Declare the queues again (after a publish found one missing), on a channel of
+        its own: a refusal (a queue someone re-created with other arguments) closes the
+        channel it happens on, and must not close the consuming one."""
+        assert self._connection is not None
         specs = topology.all_queues(self.settings)
         if self._tiers is not None:
             specs += [topology.retry_queue(self.settings, d) for d in self._tiers.extra()]
-        for spec in specs:
-            await raw.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        channel = await self._connection.channel(publisher_confirms=False)
+        async with channel:
+            raw = await channel.get_underlay_channel()
+            for spec in specs:
+                await raw.queue_declare(spec.name, durable=True, arguments=spec.arguments)
 
     async def _close(self) -> None:
         self._consuming = False

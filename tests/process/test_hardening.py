@@ -10,6 +10,7 @@ import pathlib
 import re
 import signal
 import struct
+import sys
 import uuid
 from typing import Any
 
@@ -237,24 +238,33 @@ def test_a_bad_retry_delay_is_the_handlers_error(queue, record_file, tmp_path, d
 
 
 @pytest.mark.timeout(60)
-def test_a_retry_tier_that_exists_with_other_arguments_is_used_as_it_is(
-        queue, record_file, tmp_path, request):
-    """A 406 declaring the tier closed the consuming channel (and reran in-flight work);
-    now the tier is declared on a channel of its own and the existing queue used."""
+@pytest.mark.parametrize("foreign", [
+    {"x-message-ttl": 300, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "q"},
+    {"x-max-length": 0, "x-overflow": "reject-publish"},  # full: every copy refused
+    {},  # no TTL: a copy would wait there forever
+])
+def test_a_retry_tier_that_exists_with_other_arguments_is_not_used(
+        queue, record_file, tmp_path, request, foreign):
+    """A 406 declaring the tier closed the consuming channel (and reran in-flight work); a
+    foreign tier used as it was could refuse every copy or never bring one back (found by
+    the review). The tier is declared on a channel of its own; when the broker will not
+    make it rmqpool's, the retry waits in the nearest configured tier instead."""
     tier = topology.retry_queue_name(queue, 5)
-    request.addfinalizer(lambda: amqp.delete([tier]))
-    amqp.declare(tier, arguments={"x-message-ttl": 300, "x-dead-letter-exchange": "",
-                                  "x-dead-letter-routing-key": queue})
+    request.addfinalizer(lambda: amqp.delete([tier, topology.retry_queue_name(queue, 0.5)]))
+    amqp.declare(tier, arguments=foreign)
     with Pool("tests.support.handlers:retry_exact", "--queue", queue, "--workers", "1",
-              tmp_path=tmp_path, env=_env(record_file)) as pool:
+              "--retry-delays", "0.5", tmp_path=tmp_path, env=_env(record_file)) as pool:
         pool.wait_ready()
         [mid] = amqp.publish(queue, [{"delay": 4.2}])  # rounds up to the 5 s tier
         wait_for(lambda: (mid, 2, pool.worker_pids()[0], "done") in read_records(record_file),
-                 15, "attempt 2 done, after the existing tier's 0.3 s TTL")
-        assert "exists with other arguments" in pool.log()
+                 15, "attempt 2 done, after waiting in the configured 0.5 s tier")
+        assert "cannot be rmqpool's" in pool.log()
         assert pool.metric("rmqpool_broker_reconnects_total") == 0 and restarts(pool) == 0
+        assert "retrying in 0.5s" in pool.log()  # the delay it really waits
+        assert pool.log().count("PRECONDITION_FAILED") <= 1  # the warning's own words
         pool.signal(signal.SIGTERM)
         assert pool.wait(15) == 0, pool.log()
+    assert amqp.count(tier) == 0  # nothing was left in the foreign queue
 
 
 # -- 8: exit codes after lost work -------------------------------------------------------------
@@ -423,3 +433,43 @@ def test_the_time_limit_holds_while_a_worker_drains(queue, record_file, tmp_path
     assert code == 1, log
     assert "past --time-limit 2s" in log and "did not finish draining" not in log
     assert amqp.count(queue) == 1  # back in the queue, charged one attempt
+
+
+@pytest.mark.timeout(60)
+def test_undecodable_properties_are_malformed_not_a_reconnect_loop(queue, record_file,
+                                                                    tmp_path):
+    """A timestamp out of datetime's range, or a header table nested deeper than the
+    recursion limit, fails to decode inside the AMQP library: the connection closed, the
+    message came back, forever, and stalled the queue (found by the review)."""
+    nested: dict[str, Any] = {}
+    deep = nested
+    for _ in range(3000):
+        deep["n"] = {}
+        deep = deep["n"]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)  # for pika, to encode it in this test process
+    try:
+        with Pool("tests.support.handlers:record", "--queue", queue, "--workers", "1",
+                  tmp_path=tmp_path, env=_env(record_file)) as pool:
+            pool.wait_ready()
+            publish_pika(queue, b"{}", content_type="application/json", message_id="ts",
+                         timestamp=2**62)
+            publish_pika(queue, b"{}", content_type="application/json", message_id="deep",
+                         headers={"nested": nested})
+            [good] = amqp.publish(queue, [{"after": "them"}])
+            wait_for(lambda: any(r[0] == good for r in read_records(record_file)), 20,
+                     "the good message after the undecodable ones")
+            dlq = topology.dlq_name(queue)
+            wait_for(lambda: amqp.count(dlq) == 2, 10, "both in the DLQ")
+            assert pool.metric("rmqpool_broker_reconnects_total") == 0
+            assert "reconnecting" not in pool.log(), pool.log()
+            pool.signal(signal.SIGTERM)
+            assert pool.wait(15) == 0, pool.log()
+    finally:
+        sys.setrecursionlimit(limit)
+    dead = amqp.get_all(dlq)
+    assert {str(m.headers["x-rmqpool-reason"]) for m in dead} == {"malformed"}
+    whys = sorted(str(m.headers["x-rmqpool-undecodable-properties"]) for m in dead)
+    assert "RecursionError" in whys[0] and "out of range" in whys[1] or \
+        "RecursionError" in whys[1] and "range" in whys[0], whys
+    assert all(m.body == b"{}" for m in dead)

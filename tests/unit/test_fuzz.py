@@ -23,7 +23,7 @@ from rmqpool import control
 from rmqpool.exceptions import MalformedMessage
 from rmqpool.message import Message, attempt_of, decode_body, identify, lenient_attempt
 from rmqpool.outcome import Action, Outcome, Reason
-from rmqpool.settle import _check, copy_headers
+from rmqpool.settle import check_encodable, copy_headers
 from tests.support.frames import delivery
 
 CORPUS = pathlib.Path(__file__).parent.parent / "fuzz_corpus"
@@ -61,7 +61,7 @@ def _read_all(body, headers, content_type, content_encoding):
     except MalformedMessage:
         pass
     for outcome in (DEAD, RETRY):
-        _check(copy_headers(raw, outcome, ValueError("x"), 1, "q", 0))
+        check_encodable(copy_headers(raw, outcome, ValueError("x"), 1, "q", 0))
 
 
 @FUZZ
@@ -89,18 +89,18 @@ def test_the_control_decoder_never_raises(chunks):
     lines = control.LineBuffer()
     for chunk in chunks:
         for message in lines.feed(chunk):
-            assert message["t"] in control._SCHEMAS  # only valid messages come out
+            assert message["t"] in control.SCHEMAS  # only valid messages come out
 
 
 @FUZZ
-@given(st.sampled_from(sorted(control._SCHEMAS)), st.dictionaries(
+@given(st.sampled_from(sorted(control.SCHEMAS)), st.dictionaries(
     st.sampled_from(["lag", "why", "code", "key", "skey", "reason", "deaths", "settled",
                      "suspect", "t"]), values, max_size=6))
 def test_control_messages_are_checked_field_by_field(kind, fields):
     line = json.dumps({**fields, "t": kind}, default=repr).encode()
     message = control.decode(line)
     if message is not None:
-        schema = control._SCHEMAS[kind]
+        schema = control.SCHEMAS[kind]
         assert set(message) == {"t", *schema}
 
 

@@ -69,3 +69,17 @@ def test_reload_works_from_a_directory_named_rmqpool(tmp_path, monkeypatch):
     forget_user_modules()
     assert load("h_home:f").fn(None) == 2
     forget_user_modules()
+
+
+def test_the_package_exports_every_public_name_and_imports_lazily():
+    import subprocess
+    import sys
+
+    import rmqpool
+
+    assert set(rmqpool.__all__) == {*rmqpool._WHERE, "__version__"}
+    for name in rmqpool.__all__:
+        assert getattr(rmqpool, name) is not None
+    code = "import sys, rmqpool; print('aio_pika' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr  # signals go in before the heavy part

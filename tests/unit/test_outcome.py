@@ -41,7 +41,8 @@ def test_no_retries_dead_letters_the_first_failure():
         Action.DEAD_LETTER, reason=Reason.MAX_RETRIES)
 
 
-@pytest.mark.parametrize("delay", [0, -1, float("nan"), float("inf"), 8 * 86400, True, "5"])
+@pytest.mark.parametrize("delay", [0, -1, float("nan"), float("inf"), 8 * 86400, True, "5",
+                                   10**400])
 def test_retry_rejects_a_bad_delay_where_the_handler_raises_it(delay):
     with pytest.raises(ValueError, match="delay must be a number of seconds above 0"):
         Retry(delay=delay)
