@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pamqp import commands as spec
+from pamqp import encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,8 @@ def outgoing(body: Any, *, routing_key: str, exchange: str = "",
     if isinstance(expiration, int | float):
         expiration = str(max(0, round(expiration * 1000)))
     kind = content_type or detected
+    if headers and len(str(headers)) > _HEADER_CHECK:
+        _check_header_size(headers)
     props = spec.Basic.Properties(
         content_type=kind, content_encoding="utf-8" if kind == "application/json" else None,
         headers=dict(headers) if headers else None, delivery_mode=2 if persistent else 1,
@@ -65,6 +68,20 @@ def outgoing(body: Any, *, routing_key: str, exchange: str = "",
         expiration=expiration, message_id=message_id or uuid.uuid4().hex,
         timestamp=datetime.datetime.now(datetime.UTC).replace(microsecond=0))
     return Outgoing(data, props, exchange, routing_key, mandatory)
+
+
+FRAME_MAX = 131072  # RabbitMQ's default frame_max: properties must fit in one frame
+_HEADER_CHECK = 10_000  # headers shorter than this as text are far below it
+
+
+def _check_header_size(headers: Mapping[str, Any]) -> None:
+    """Headers that do not fit in one frame make the broker close the whole connection
+    (FRAME_ERROR), which looks like a lost connection: refuse them here, clearly."""
+    size = len(encode.field_table(dict(headers)))
+    if size > FRAME_MAX - 1024:
+        raise ValueError(f"the headers encode to {size} bytes, more than fit in one AMQP "
+                         f"frame ({FRAME_MAX} bytes with the other properties): move large "
+                         "values into the body")
 
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"

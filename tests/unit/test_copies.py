@@ -70,3 +70,11 @@ def test_handler_delays_make_a_bounded_number_of_queues():
     settings = resolve("m:f", {}, {})
     tiers = {t.tier_for(d / 100, settings) for d in range(1, 100_000, 7)}
     assert len(tiers) <= len(t.RETRY_GRID) + len(settings.retry_delays)
+
+
+def test_headers_too_large_for_a_frame_are_refused_before_sending():
+    from rmqpool.outgoing import outgoing
+
+    outgoing({"a": 1}, routing_key="q", headers={"small": "x" * 20_000})  # fits
+    with pytest.raises(ValueError, match="move large values into the body"):
+        outgoing({"a": 1}, routing_key="q", headers={"big": "x" * 200_000})
