@@ -353,10 +353,16 @@ class Publisher:
                 self._reply_consumer = channel
 
     async def _reopened(self, _sender: Any = None) -> None:
+        """A new channel: a direct reply-to address belongs to the channel that sent the
+        request, so replies to calls in flight can never arrive. Say so at once instead
+        of letting them time out."""
         self._reply_consumer = None
-        if self._replies:  # calls in flight: their replies come to the new channel
-            with contextlib.suppress(*_CONNECTION_ERRORS):
-                await self._consume_replies()
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(ConnectionError(
+                    "the connection was lost while waiting for the reply; the request may "
+                    "still be handled, but its reply cannot reach the new connection "
+                    "(direct reply-to): call again if it is safe to"))
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         future = self._replies.get(message.header.properties.correlation_id or "")

@@ -59,6 +59,10 @@ def outgoing(body: Any, *, routing_key: str, exchange: str = "",
     if isinstance(expiration, int | float):
         expiration = str(max(0, round(expiration * 1000)))
     kind = content_type or detected
+    if headers and not all(isinstance(key, str) for key in headers):
+        raise TypeError("header names must be str, not "
+                        + ", ".join(sorted({type(k).__name__ for k in headers
+                                            if not isinstance(k, str)})))
     if headers and len(str(headers)) > _HEADER_CHECK:
         _check_header_size(headers)
     props = spec.Basic.Properties(

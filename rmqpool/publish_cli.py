@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -220,8 +221,11 @@ def _bodies(args: argparse.Namespace) -> feed.Bodies:
 
 def _progress(total: int | None) -> tqdm[Any]:
     """A bar on stderr when it is a terminal; nothing otherwise."""
-    return tqdm(total=total, unit="msg", file=sys.stderr, disable=not sys.stderr.isatty(),
-                dynamic_ncols=True)
+    terminal = sys.stderr.isatty()
+    width = shutil.get_terminal_size().columns if terminal else 0
+    # A terminal that reports 0 columns (some ptys) would hide tqdm's bar: assume 80.
+    return tqdm(total=total, unit="msg", file=sys.stderr, disable=not terminal,
+                dynamic_ncols=width > 0, ncols=None if width > 0 else 80)
 
 
 async def _publish(args: argparse.Namespace, tally: Tally) -> None:

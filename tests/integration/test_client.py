@@ -602,3 +602,13 @@ def test_call_to_an_unbound_routing_key_is_unroutable() -> None:
             pytest.raises(rmqpool.Unroutable, match=repr(nowhere)):
         pub.call({"q": 1}, routing_key=nowhere, timeout=5)
 
+
+
+@pytest.mark.timeout(30)
+def test_header_names_must_be_strings(declared: str) -> None:
+    async def go() -> None:
+        async with rmqpool.Publisher() as pub:
+            with pytest.raises(TypeError, match="header names must be str, not int"):
+                await pub.publish(1, routing_key=declared,
+                                  headers={1: "a"})  # type: ignore[dict-item]
+    run(go())

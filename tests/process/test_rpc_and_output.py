@@ -389,3 +389,32 @@ def test_direct_reply_to_a_requester_that_timed_out(queue: str, record_file: pat
         stop(pool)
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_call_in_flight_when_the_connection_drops_fails_at_once(queue, tmp_path):
+    """Its reply can never reach the new connection (direct reply-to): a ConnectionError
+    saying so, not a timeout after the full wait (found by the review)."""
+    from tests.support.proxy import TcpProxy
+
+    with Pool("tests.support.handlers:slow", "--queue", queue, "--workers", "1",
+              tmp_path=tmp_path, env={"RECORD_FILE": str(tmp_path / "r")}) as pool:
+        pool.wait_ready()
+        with TcpProxy("127.0.0.1", 5672) as proxy:
+            async def go() -> float:
+                url = proxy.url() + "?reconnect_interval=0.2"
+                async with rmqpool.Publisher(url) as pub:
+                    loop = asyncio.get_running_loop()
+                    call = asyncio.ensure_future(pub.call({"sleep": 2}, routing_key=queue,
+                                                          timeout=20))
+                    await asyncio.sleep(0)
+                    await asyncio.to_thread(wait_for, lambda: proxy.active >= 1, 5, "link")
+                    started = loop.time()
+                    await asyncio.to_thread(proxy.cut)
+                    with pytest.raises(ConnectionError):  # at once, not after the 20 s
+                        await call
+                    return loop.time() - started
+            took = asyncio.run(go())
+        assert took < 15, took
+        pool.signal(signal.SIGTERM)
+        pool.wait(15)
