@@ -271,6 +271,8 @@ def test_requester_gone_is_logged_at_debug(queue: str, record_file: pathlib.Path
 
         request(queue, {"reject": "no"}, gone, "c2")  # an error reply nobody takes
         wait_for(lambda: "its error reply was unroutable" in pool.log(), 20, "the debug line")
+        # the dead letter's own line comes after the reply (its outcome is logged last)
+        wait_for(lambda: "dead-lettered to" in pool.log(), 10, "the dead letter's line")
         log = pool.log()
         [line] = [ln for ln in log.splitlines() if "its error reply was unroutable" in ln]
         assert re.match(r"^\S+ \S+ DEBUG ", line), line
