@@ -466,7 +466,7 @@ def scoreboard_cost_us() -> float:
     (start + settle + finish + message key): paid whether /metrics is served or not."""
     from types import SimpleNamespace
 
-    from rmqpool.dispatch import keys
+    from rmqpool.message import identify
     from rmqpool.outcome import Action
     from rmqpool.scoreboard import Scoreboard
 
@@ -477,9 +477,9 @@ def scoreboard_cost_us() -> float:
             for i in range(20000)]
     started = time.perf_counter()
     for raw in raws:
-        key, skey = keys(raw, 1)  # type: ignore[arg-type]
+        key, skey = identify(raw, 1)  # type: ignore[arg-type]
         board.start(0, key, raw.header.properties.message_id)
-        board.settle(Action.ACK, "", 0.0001, True, skey)
+        board.settle(Action.ACK, None, 0.0001, True, skey)
         board.finish(0)
     elapsed = time.perf_counter() - started
     board.close()
