@@ -192,19 +192,28 @@ class Supervisor:
         self._handle_signals()  # any that arrived while the handler was imported
         self._reconcile()  # start the workers now, not after the first wait
         while self.state == RUNNING or self.workers:
-            ready = self._wait(LOOP_INTERVAL)
-            self.last_loop = time.monotonic()
-            self._handle_signals()
-            self._read_control(ready)
-            self._reap()
-            self._answer_asks()
-            self._serve_http()
-            self._check_health()
-            self._reconcile()
+            self.step(LOOP_INTERVAL)
         if self._http is not None:
             self._http.close()
         log.info("supervisor exiting: %s", exitcodes.DESCRIPTIONS.get(self.exit_code, ""))
         return self.exit_code
+
+    def step(self, timeout: float) -> None:
+        """One pass of the main loop: wait up to `timeout` for events, then each step."""
+        ready = self._wait(timeout)
+        self.last_loop = time.monotonic()
+        self._handle_signals()
+        self._read_control(ready)
+        self._reap()
+        self._answer_asks()
+        self._serve_http()
+        self._check_health()
+        self._reconcile()
+
+    def adopt(self, worker: WorkerProcess) -> None:
+        """Watch `worker` (a process this supervisor forked)."""
+        self.workers[worker.pid] = worker
+        self._selector.register(worker.end.fileno(), selectors.EVENT_READ, worker)
 
     def _wait(self, timeout: float) -> list[WorkerProcess]:
         """Collect what is ready; handle nothing. Returns the workers with control data."""
@@ -519,8 +528,7 @@ class Supervisor:
         if self._http is not None:  # the listener and any open request stay here
             close += self._http.fds()
         worker = spawn(self.settings, slot, self.reload.generation, self.handler, close)
-        self.workers[worker.pid] = worker
-        self._selector.register(worker.end.fileno(), selectors.EVENT_READ, worker)
+        self.adopt(worker)
         log.debug("spawned %s (generation %d)", worker, self.reload.generation)
         return worker
 

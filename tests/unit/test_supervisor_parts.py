@@ -123,3 +123,43 @@ def test_reload_generations_and_stale_replacements():
     assert reload.begin([0, 1]) == [stale] and reload.generation == 2 and not reload.replacing
     reload.cancel()
     assert not reload.slots
+
+
+def test_a_death_and_a_question_in_one_pass_neither_crash_nor_go_stale():
+    """Issue 8 item 2: a worker's EOF and another worker's ASK ready in the same select
+    batch. The old loop reaped from inside the ASK's callback, closed the dead worker's
+    socket, then ran its stale key and crashed (the supervisor exiting took every worker
+    with it). Now a pass collects first, charges the death, reaps, then answers."""
+    import json
+    import socket
+
+    from rmqpool import control
+    from rmqpool.handler import Handler
+    from rmqpool.process import WorkerProcess
+    from rmqpool.settings import resolve
+    from rmqpool.supervisor import Supervisor
+
+    sup = Supervisor(resolve("m:f", {"metrics_port": 0, "workers": 1}, {}),
+                     Handler("m:f", print, False, False))
+    sup.state = "stopping"  # reconcile must not fork real workers here
+    asker_ours, asker_theirs = socket.socketpair()
+    dead_ours, dead_theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the worker that dies: it was running message key 42 alone
+        os._exit(13)
+    asker = WorkerProcess(0, 0, os.getpid(), control.SupervisorEnd(asker_ours), Scoreboard(1))
+    dead = WorkerProcess(1, 0, pid, control.SupervisorEnd(dead_ours), Scoreboard(1))
+    dead.board.start(0, 42, "poison")
+    sup.adopt(asker)
+    sup.adopt(dead)
+    dead_theirs.sendall(control.encode({"t": "beat", "lag": 0.0}))  # its last beat...
+    dead_theirs.close()  # ...and its exit, in the same batch as the question:
+    asker_theirs.sendall(control.encode({"t": "ask", "key": 42, "skey": 0}))
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # it has exited (not reaped yet)
+    sup.step(0.5)
+    assert pid not in sup.workers  # reaped
+    verdict = json.loads(asker_theirs.recv(4096).decode().splitlines()[0])
+    assert verdict["deaths"] == 1 and verdict["reason"] == "crash"  # the death was known
+    asker_theirs.close()
+    asker.end.close()
+    asker.board.close()
