@@ -34,11 +34,14 @@ def test_sigkill_worker_under_load_is_replaced_and_nothing_is_lost(queue, record
         victim = before[0]
         t0 = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(pool.worker_pids()) == 2 and victim not in pool.worker_pids(),
-                 3, "a replacement worker")
+        def replaced() -> list[int] | None:
+            pids = pool.worker_pids()
+            return pids if len(pids) == 2 and victim not in pids else None
+
+        after = wait_for(replaced, 3, "a replacement worker")
         replaced_in = time.monotonic() - t0
         assert replaced_in < 1.5, f"replacement took {replaced_in:.2f}s"
-        new = set(pool.worker_pids()) - set(before)
+        new = set(after) - set(before)
         assert len(new) == 1
         handled_before = len(read_records(record_file))
         assert handled_before < n, "the queue was empty before the kill: proves nothing"
