@@ -43,6 +43,7 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this is "dying soon after sta
 MAX_BACKOFF = 30.0
 KILL_GRACE = 5.0  # beyond --graceful-timeout, for the worker to close its connection
 MAX_CHARGES = 10_000  # poison-tracking entries kept (oldest dropped first)
+ASK_DEFER = 1.0  # seconds an ask waits for the death of a worker still showing its key
 SETTLED_MEMORY = 600.0  # seconds a settled message is remembered after it was seen
 
 RUNNING, STOPPING = "running", "stopping"
@@ -178,6 +179,7 @@ class Supervisor:
         self.signals = signals or SignalQueue()
         self._selector = selectors.DefaultSelector()
         self._asks: list[tuple[WorkerProcess, control.Ask]] = []
+        self._asked_at: dict[int, float] = {}  # key -> when a deferred ask first came
         self._http: MetricsServer | None = None
 
     # -- the main loop --------------------------------------------------------------
@@ -354,15 +356,36 @@ class Supervisor:
         now = time.monotonic()
         for worker in self.workers.values():  # O(settled since the last ask), not O(ring)
             self.settled.absorb(worker.pid, worker.board, now)
+        later = []
         for worker, msg in self._asks:
             if worker.pid not in self.workers:
+                continue
+            if self._still_running_elsewhere(worker, msg, now):
+                later.append((worker, msg))  # its last worker is dying: know it first
                 continue
             deaths, reason, suspect = self.poison.get(msg["key"])
             # Settled, yet redelivered: its ack was lost with a connection or a worker.
             settled = bool(msg["skey"]) and msg["skey"] in self.settled
             worker.end.send({"t": "verdict", "key": msg["key"], "deaths": deaths,
                              "reason": reason, "settled": settled, "suspect": suspect})
-        self._asks.clear()
+        self._asks = later
+
+    def _still_running_elsewhere(self, asker: WorkerProcess, msg: control.Ask,
+                                 now: float) -> bool:
+        """A redelivered message another worker still shows as running: that worker is
+        dying (its connection closed first, its control socket not yet). Answer once its
+        death is charged, at most ASK_DEFER seconds later (it may only have lost its
+        connection and still be running the handler)."""
+        first = self._asked_at.setdefault(msg["key"], now)
+        if now - first > ASK_DEFER:
+            self._asked_at.pop(msg["key"], None)
+            return False
+        for worker in self.workers.values():
+            if worker is not asker and worker.charged is None and any(
+                    r.key == msg["key"] for r in worker.board.running()):
+                return True
+        self._asked_at.pop(msg["key"], None)
+        return False
 
     # -- reaping --------------------------------------------------------------------------
     def _reap(self) -> None:
